@@ -1,0 +1,1 @@
+"""Pieces shared by the envoymesh commands (logging, local process helpers)."""

@@ -1,0 +1,62 @@
+"""Command-line flags that mirror pydantic-settings fields.
+
+Each setting is read from its environment variable; a flag given on the command line wins.
+The flags are generated from the settings model so ``--help`` and the environment can never
+disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, TypeVar, get_origin
+
+from pydantic_settings import BaseSettings
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _env_name(model: type[BaseSettings], field: str) -> str:
+    prefix = str(model.model_config.get("env_prefix", ""))
+    alias = model.model_fields[field].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return (prefix + field).upper()
+
+
+def build_parser(model: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per settings field, documented with its env var."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+    )
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = _env_name(model, name)
+        default = "" if field.default is None else f", default {field.default}"
+        help_text = f"{field.description or ''} [env {env}{default}]"
+        annotation = field.annotation
+        is_list = get_origin(annotation) is list
+        if annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif is_list:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action="append",
+                default=None,
+                metavar=name.upper(),
+                help=help_text + " (repeatable)",
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def parse(model: type[S], prog: str, description: str, argv: Sequence[str] | None = None) -> S:
+    """Settings from the environment, overridden by the flags given in ``argv``."""
+    args = build_parser(model, prog, description).parse_args(argv)
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    return model(**given)

@@ -1,0 +1,168 @@
+"""A private PostgreSQL server in a directory: for ``meshctl up`` and for the test suite.
+
+Binaries come from the system (``pg_ctl`` on PATH or ``/usr/lib/postgresql/*/bin``) when
+present, else from the ``pgserver`` wheel, so a machine with only Python can run it. PostgreSQL
+refuses to run as root, so when we are root the server runs as ``nobody``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import asyncpg
+
+from envoymesh.procs import ManagedProcess
+
+
+class PostgresError(RuntimeError):
+    """The private server could not be set up or started."""
+
+
+def find_bindir() -> Path:
+    """Directory holding ``initdb`` and ``postgres``: the system's first, else pgserver's."""
+    on_path = shutil.which("initdb")
+    candidates = [Path(on_path).parent] if on_path else []
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
+    for candidate in candidates:
+        if (candidate / "initdb").exists() and (candidate / "postgres").exists():
+            return candidate
+    raise PostgresError(
+        "no PostgreSQL binaries found: install PostgreSQL or `pip install pgserver`"
+        " (the `local` extra)"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalPostgres:
+    """One PostgreSQL server whose data lives in ``directory``; trust auth on loopback only."""
+
+    def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None):
+        self.directory = directory
+        self.host = host
+        self.port = port or free_port(host)
+        self.bindir = find_bindir()
+        self._proc: ManagedProcess | None = None
+        self._user = "nobody" if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        """The libpq URL for the ``postgres`` database as the ``postgres`` role."""
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.running()
+
+    def _chown(self, path: Path) -> None:
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _allow_traverse(self) -> None:
+        # The unprivileged server user must be able to walk down to its data directory
+        # (temporary directories are often 0700): grant search (x) only, never read.
+        for path in [self.directory, *self.directory.parents]:
+            mode = path.stat().st_mode
+            if not mode & 0o001:
+                path.chmod(mode | 0o011)
+
+    def _initdb(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            self._allow_traverse()
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        self._chown(self.data_dir)
+        result = subprocess.run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            user=self._user,
+            cwd="/",
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"initdb failed: {result.stderr.decode(errors='replace')}")
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Initialise the data directory when new, start the server and wait until it answers."""
+        if self.running():
+            return
+        if not (self.data_dir / "PG_VERSION").exists():
+            await asyncio.to_thread(self._initdb)
+        self._proc = ManagedProcess(
+            "postgres",
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+            ],
+            log_path=self.directory / "postgres.log",
+            user=self._user,
+        )
+        await self._proc.start()
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll until a connection succeeds; raise if the server dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                raise PostgresError(f"postgres exited; see {self.directory / 'postgres.log'}")
+            try:
+                conn = await asyncpg.connect(self.url, timeout=2)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise PostgresError("postgres did not become ready in time") from None
+                await asyncio.sleep(0.1)
+                continue
+            await conn.close()
+            return
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT): roll back open transactions, flush, exit."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            await proc.stop(timeout=timeout, sig=signal.SIGINT)

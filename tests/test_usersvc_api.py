@@ -1,0 +1,277 @@
+"""The usersvc HTTP contract, exercised through the ASGI app on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import usersvc_settings
+from usersvc.app import create_app
+
+UUID = re.compile(r"^[0-9A-F]{32}$")
+ALICE = {"fullname": "Alice Liddell", "password": "wonderland"}
+
+
+def assert_stamped(body: dict[str, object]) -> None:
+    assert body["hostname"] == socket.gethostname()
+    assert isinstance(body["resolvedname"], str)
+    assert body["resolvedname"]
+
+
+async def test_health_reports_ok_when_database_answers(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.get("/user/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True
+    assert body["msg"] == "user health check OK"
+    assert_stamped(body)
+
+
+async def test_put_creates_user_with_201_and_uppercase_hex_uuid(
+    usersvc: httpx.AsyncClient,
+) -> None:
+    response = await usersvc.put("/user/alice", json=ALICE)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["ok"] is True
+    assert UUID.match(body["uuid"])
+    assert body["fullname"] == "Alice Liddell"
+    assert "password" not in body
+    assert_stamped(body)
+
+
+async def test_put_existing_user_updates_with_200_and_same_uuid(
+    usersvc: httpx.AsyncClient,
+) -> None:
+    first = (await usersvc.put("/user/alice", json=ALICE)).json()
+    response = await usersvc.put("/user/alice", json={"fullname": "Alice L.", "password": "new"})
+    assert response.status_code == 200
+    assert response.json()["uuid"] == first["uuid"]
+    assert (await usersvc.get("/user/alice")).json()["fullname"] == "Alice L."
+    assert (await usersvc.post("/user/alice/login", json={"password": "new"})).status_code == 200
+    assert (
+        await usersvc.post("/user/alice/login", json={"password": "wonderland"})
+    ).status_code == 401
+
+
+async def test_get_returns_the_stored_user(usersvc: httpx.AsyncClient) -> None:
+    created = (await usersvc.put("/user/alice", json=ALICE)).json()
+    response = await usersvc.get("/user/alice")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True
+    assert body["uuid"] == created["uuid"]
+    assert body["fullname"] == "Alice Liddell"
+    assert "password" not in body
+
+
+async def test_get_unknown_user_is_404(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.get("/user/nobody")
+    assert response.status_code == 404
+    body = response.json()
+    assert body["ok"] is False
+    assert "not found" in body["error"]
+    assert_stamped(body)
+
+
+async def test_delete_removes_user_then_404s(usersvc: httpx.AsyncClient) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    first = await usersvc.delete("/user/alice")
+    assert first.status_code == 200
+    assert first.json()["ok"] is True
+    assert (await usersvc.get("/user/alice")).status_code == 404
+    again = await usersvc.delete("/user/alice")
+    assert again.status_code == 404
+    assert again.json()["ok"] is False
+
+
+async def test_login_accepts_the_right_password(usersvc: httpx.AsyncClient) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    response = await usersvc.post("/user/alice/login", json={"password": "wonderland"})
+    assert response.status_code == 200
+    assert response.json()["ok"] is True
+
+
+async def test_login_refuses_wrong_password_and_unknown_user_alike(
+    usersvc: httpx.AsyncClient,
+) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    wrong = await usersvc.post("/user/alice/login", json={"password": "nope"})
+    unknown = await usersvc.post("/user/mallory/login", json={"password": "nope"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json()["error"] == unknown.json()["error"]
+    assert wrong.json()["ok"] is False
+
+
+async def test_stored_password_is_an_argon2id_hash_not_plaintext(
+    usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    stored = await db_conn.fetchval("SELECT password_hash FROM users WHERE username = 'alice'")
+    assert stored != ALICE["password"]
+    assert ALICE["password"] not in stored
+    assert stored.startswith("$argon2id$")
+
+
+async def test_same_password_hashes_differently_per_user(
+    usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    await usersvc.put("/user/bob", json={"fullname": "Bob", "password": ALICE["password"]})
+    hashes = await db_conn.fetch("SELECT password_hash FROM users ORDER BY username")
+    assert hashes[0][0] != hashes[1][0]
+
+
+async def test_concurrent_puts_of_one_username_make_one_row(
+    usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    replies = await asyncio.gather(
+        *(
+            usersvc.put("/user/carol", json={"fullname": f"Carol {i}", "password": "pw"})
+            for i in range(12)
+        )
+    )
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses.count(201) == 1
+    assert statuses.count(200) == 11
+    assert len({r.json()["uuid"] for r in replies}) == 1
+    assert await db_conn.fetchval("SELECT count(*) FROM users WHERE username = 'carol'") == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"fullname": "A"},
+        {"password": "pw"},
+        {"fullname": 42, "password": "pw"},
+        {"fullname": "A", "password": ["pw"]},
+        {"fullname": "A", "password": ""},
+        {"fullname": "x" * 2049, "password": "pw"},
+        {"fullname": "A", "password": "p" * 1025},
+        ["not", "an", "object"],
+    ],
+    ids=[
+        "missing-password",
+        "missing-fullname",
+        "fullname-not-string",
+        "password-not-string",
+        "empty-password",
+        "fullname-too-long",
+        "password-too-long",
+        "array-body",
+    ],
+)
+async def test_put_with_invalid_body_is_422_with_message(
+    usersvc: httpx.AsyncClient, body: object
+) -> None:
+    response = await usersvc.put("/user/alice", json=body)
+    assert response.status_code == 422
+    reply = response.json()
+    assert reply["ok"] is False
+    assert isinstance(reply["error"], str)
+    assert reply["error"]
+    assert_stamped(reply)
+
+
+async def test_longest_allowed_fields_are_accepted(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.put(
+        "/user/" + "a" * 64, json={"fullname": "x" * 2048, "password": "p" * 1024}
+    )
+    assert response.status_code == 201
+
+
+async def test_malformed_json_is_400(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.put(
+        "/user/alice", content=b'{"fullname": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["ok"] is False
+    assert "JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "username", ["-leading-dash", ".hidden", "a" * 65, "sp ace", "semi;colon", "ünïcode"]
+)
+async def test_username_outside_the_pattern_is_422(
+    usersvc: httpx.AsyncClient, username: str
+) -> None:
+    response = await usersvc.put(f"/user/{username}", json=ALICE)
+    assert response.status_code == 422
+    assert response.json()["ok"] is False
+    assert "username" in response.json()["error"]
+
+
+async def test_unsupported_method_is_405_json(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.patch("/user/alice", json=ALICE)
+    assert response.status_code == 405
+    body = response.json()
+    assert body["ok"] is False
+    assert body["error"] == "method not allowed"
+    assert_stamped(body)
+
+
+async def test_unknown_path_is_404_json(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json()["ok"] is False
+
+
+async def test_body_over_64_kib_is_413(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.put(
+        "/user/alice", json={"fullname": "x" * (65 * 1024), "password": "pw"}
+    )
+    assert response.status_code == 413
+    assert response.json()["ok"] is False
+    assert_stamped(response.json())
+
+
+async def test_streamed_body_over_64_kib_without_length_is_413(
+    usersvc: httpx.AsyncClient,
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"fullname": "'
+        for _ in range(70):
+            yield b"x" * 1024
+        yield b'", "password": "pw"}'
+
+    response = await usersvc.put(
+        "/user/alice", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert (await usersvc.get("/user/alice")).status_code == 404
+
+
+async def test_login_with_missing_password_is_422(usersvc: httpx.AsyncClient) -> None:
+    response = await usersvc.post("/user/alice/login", json={})
+    assert response.status_code == 422
+    assert response.json()["ok"] is False
+
+
+async def test_identity_comes_from_pod_environment(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POD_NAME", "usersvc-7")
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    app = create_app(usersvc_settings(postgres_url))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://u") as client,
+    ):
+        body = (await client.get("/user/health")).json()
+    assert body["hostname"] == "usersvc-7"
+    assert body["resolvedname"] == "10.1.2.3"
+
+
+async def test_openapi_document_lists_every_route(usersvc: httpx.AsyncClient) -> None:
+    spec = (await usersvc.get("/openapi.json")).json()
+    assert set(spec["paths"]) == {
+        "/user/health",
+        "/user/{username}",
+        "/user/{username}/login",
+    }
+    assert (await usersvc.get("/docs")).status_code == 200

@@ -1,0 +1,124 @@
+"""usersvc as a real process: uvicorn, database outages, migrations, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import httpx
+
+from meshctl.postgres import LocalPostgres
+from usersvc.db import MIGRATIONS, migrate
+
+ALICE = {"fullname": "Alice", "password": "wonderland"}
+
+
+async def wait_status(client: httpx.AsyncClient, url: str, status: int, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                if (await client.get(url)).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def test_process_serves_the_api_over_http(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    _, base = await usersvc_process(private_postgres.url)
+    async with httpx.AsyncClient(base_url=base) as client:
+        created = await client.put("/user/alice", json=ALICE)
+        assert created.status_code == 201
+        assert (await client.get("/user/alice")).json()["uuid"] == created.json()["uuid"]
+        assert (await client.post("/user/alice/login", json=ALICE)).status_code == 200
+        assert (await client.request("PATCH", "/user/alice")).status_code == 405
+
+
+async def test_starts_before_database_and_connects_when_it_appears(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    await private_postgres.stop()
+    proc, base = await usersvc_process(private_postgres.url, wait_healthy=False)
+    async with httpx.AsyncClient(base_url=base) as client:
+        health = await client.get("/user/health")
+        assert health.status_code == 503
+        assert health.json()["ok"] is False
+        assert health.json()["error"]
+        down = await client.put("/user/alice", json=ALICE)
+        assert down.status_code == 503
+        assert down.json()["error"] == "database unavailable"
+
+        await private_postgres.start()
+        await wait_status(client, "/user/health", 200, timeout=20)
+        assert (await client.put("/user/alice", json=ALICE)).status_code == 201
+    assert proc.running()
+
+
+async def test_database_restart_gives_503s_then_full_service(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    proc, base = await usersvc_process(private_postgres.url)
+    async with httpx.AsyncClient(base_url=base) as client:
+        acked = await client.put("/user/alice", json=ALICE)
+        assert acked.status_code == 201
+
+        await private_postgres.stop()
+        during = [await client.get("/user/alice") for _ in range(3)]
+        assert {r.status_code for r in during} == {503}
+        assert all(r.json()["ok"] is False for r in during)
+
+        await private_postgres.start()
+        await wait_status(client, "/user/health", 200, timeout=20)
+        after = await client.get("/user/alice")
+        assert after.status_code == 200
+        assert after.json()["uuid"] == acked.json()["uuid"]
+    assert proc.running()
+
+
+async def test_sigterm_finishes_in_flight_requests_then_exits_cleanly(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    proc, base = await usersvc_process(private_postgres.url)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        in_flight = [asyncio.create_task(client.put(f"/user/u{i}", json=ALICE)) for i in range(4)]
+        await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        replies = await asyncio.gather(*in_flight)
+    assert [r.status_code for r in replies] == [201] * 4
+    # uvicorn re-raises SIGTERM once shut down, the conventional "ended by SIGTERM" status.
+    assert await proc.wait(timeout=15) in (0, -signal.SIGTERM)
+    assert '"event":"usersvc stopped"' in proc.log_path.read_text()
+    conn = await asyncpg.connect(private_postgres.url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 4
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_apply_each_version_once(
+    private_postgres: LocalPostgres,
+) -> None:
+    conns = [await asyncpg.connect(private_postgres.url) for _ in range(6)]
+    try:
+        applied = await asyncio.gather(*(migrate(c) for c in conns))
+        assert sorted(applied) == [0] * 5 + [len(MIGRATIONS)]
+        versions = await conns[0].fetch("SELECT version FROM schema_migrations")
+        assert [r["version"] for r in versions] == list(range(1, len(MIGRATIONS) + 1))
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_replicas_starting_together_share_one_schema(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    started = await asyncio.gather(*(usersvc_process(private_postgres.url) for _ in range(3)))
+    async with httpx.AsyncClient() as client:
+        await client.put(f"{started[0][1]}/user/alice", json=ALICE)
+        uuids = {(await client.get(f"{base}/user/alice")).json()["uuid"] for _, base in started}
+    assert len(uuids) == 1

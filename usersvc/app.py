@@ -1,0 +1,201 @@
+"""The usersvc HTTP API: the tutorial's wire contract, without its defects.
+
+Every JSON body carries ``ok``, ``hostname`` and ``resolvedname``; every error is
+``{"ok": false, "error": ...}`` with a real status code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from usersvc import passwords
+from usersvc.config import Settings
+from usersvc.db import Database, DatabaseUnavailable
+from usersvc.identity import Identity, discover
+from usersvc.limits import BodySizeLimit
+from usersvc.store import User, UserStore
+
+log = logging.getLogger("usersvc")
+
+USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Username = Annotated[
+    str, Path(pattern=USERNAME_PATTERN, description="1-64 of A-Z a-z 0-9 . _ -, not first . _ -")
+]
+
+
+class UserIn(BaseModel):
+    """Body of ``PUT /user/{username}``."""
+
+    model_config = ConfigDict(extra="ignore")
+    fullname: StrictStr = Field(max_length=2048)
+    password: StrictStr = Field(min_length=1, max_length=1024)
+
+
+class LoginIn(BaseModel):
+    """Body of ``POST /user/{username}/login``."""
+
+    password: StrictStr = Field(max_length=1024)
+
+
+class Reply(BaseModel):
+    """Fields every answer has."""
+
+    ok: bool
+    hostname: str
+    resolvedname: str
+
+
+class HealthReply(Reply):
+    msg: str
+
+
+class UserReply(Reply):
+    uuid: str = Field(description="32 upper-case hex characters")
+    fullname: str
+
+
+class ErrorReply(Reply):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorReply} for code in (400, 404, 405, 413, 422, 503)
+}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the ASGI app; the database pool lives for the app's lifespan."""
+    db = Database(
+        settings.database_url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        timeout=settings.db_timeout,
+    )
+    store = UserStore(db)
+    identity = Identity(hostname="", resolvedname="")
+
+    def stamp() -> dict[str, Any]:
+        return {"hostname": identity.hostname, "resolvedname": identity.resolvedname}
+
+    def reply(status: int, **fields: Any) -> JSONResponse:
+        return JSONResponse({**fields, **stamp()}, status_code=status)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return reply(status, ok=False, error=message)
+
+    def user_reply(status: int, user: User) -> JSONResponse:
+        return reply(status, ok=True, uuid=user.uuid, fullname=user.fullname)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal identity
+        identity = await discover()
+        db.start()
+        await db.wait_connected(timeout=settings.db_timeout)
+        log.info("usersvc started", extra={**stamp(), "database": db.connected})
+        try:
+            yield
+        finally:
+            await db.close()
+            log.info("usersvc stopped")
+
+    app = FastAPI(
+        title="usersvc",
+        summary="The envoymesh user service",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error(400, "request body is not valid JSON")
+        first = problems[0] if problems else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = str(first.get("msg", "invalid request"))
+        if first.get("type") == "string_pattern_mismatch":
+            message = "must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"
+        return error(422, f"{where}: {message}" if where else message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: "not found", 405: "method not allowed"}
+        response = error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def on_db_down(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        log.warning("database unavailable", extra={"detail": str(exc)})
+        return error(503, "database unavailable")
+
+    @app.exception_handler(Exception)
+    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return error(500, "internal error")
+
+    @app.get("/user/health", response_model=HealthReply, summary="Health, including the database")
+    async def health() -> JSONResponse:
+        try:
+            async with db.connection() as conn:
+                await conn.fetchval("SELECT 1")
+        except DatabaseUnavailable as exc:
+            return error(503, f"user health check failed: {exc}")
+        return reply(200, ok=True, msg="user health check OK")
+
+    @app.put(
+        "/user/{username}",
+        response_model=UserReply,
+        status_code=201,
+        summary="Create a user (201) or update one (200)",
+        responses={200: {"model": UserReply}},
+    )
+    async def put_user(username: Username, body: UserIn) -> JSONResponse:
+        password_hash = await passwords.hash_password(body.password)
+        user, created = await store.upsert(username, body.fullname, password_hash)
+        log.info("user saved", extra={"username": username, "new_user": created})
+        return user_reply(201 if created else 200, user)
+
+    @app.get("/user/{username}", response_model=UserReply, summary="Read a user")
+    async def get_user(username: Username) -> JSONResponse:
+        user = await store.get(username)
+        if user is None:
+            return error(404, f"user {username} not found")
+        return user_reply(200, user)
+
+    @app.delete("/user/{username}", response_model=Reply, summary="Delete a user")
+    async def delete_user(username: Username) -> JSONResponse:
+        if not await store.delete(username):
+            return error(404, f"user {username} not found")
+        log.info("user deleted", extra={"username": username})
+        return reply(200, ok=True)
+
+    @app.post(
+        "/user/{username}/login",
+        response_model=Reply,
+        summary="Check a password",
+        responses={401: {"model": ErrorReply}},
+    )
+    async def login(username: Username, body: LoginIn) -> JSONResponse:
+        stored = await store.password_hash(username)
+        if not await passwords.verify_password(stored, body.password):
+            return error(401, "invalid username or password")
+        assert stored is not None
+        if passwords.needs_rehash(stored):
+            await store.set_password_hash(username, await passwords.hash_password(body.password))
+        return reply(200, ok=True)
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, extra_fields=stamp)
+    return app

@@ -1,0 +1,28 @@
+"""usersvc settings: environment variables, overridable by command-line flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything usersvc can be told; see ``usersvc --help``."""
+
+    model_config = SettingsConfigDict(env_prefix="USERSVC_", populate_by_name=True)
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(5000, ge=0, le=65535, description="TCP port to listen on")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL DSN (libpq URL form)",
+    )
+    pool_min_size: int = Field(1, ge=0, description="connections the pool keeps open")
+    pool_max_size: int = Field(10, ge=1, description="most connections the pool opens")
+    db_timeout: float = Field(
+        5.0, gt=0, description="seconds to wait for a connection or a query before answering 503"
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body accepted")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    access_log: bool = Field(False, description="log one line per request")
