@@ -33,7 +33,9 @@ def build_parser(model: type[BaseSettings], prog: str, description: str) -> argp
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = _env_name(model, name)
-        default = "" if field.default is None else f", default {field.default}"
+        value = field.get_default(call_default_factory=True)
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        default = "" if shown in (None, "") else f", default {shown}"
         help_text = f"{field.description or ''} [env {env}{default}]"
         annotation = field.annotation
         is_list = get_origin(annotation) is list

@@ -38,7 +38,7 @@ async def _usersvc_demo(run_dir: Path) -> int:
             f"usersvc is up at {base} (logs in {run_dir}). Try:\n"
             f"  curl {base}/user/health\n"
             f"  curl -X PUT -H 'Content-Type: application/json'"
-            f" -d '{{\"fullname\": \"Alice\", \"password\": \"secret\"}}' {base}/user/alice\n"
+            f' -d \'{{"fullname": "Alice", "password": "secret"}}\' {base}/user/alice\n'
             f"  curl {base}/user/alice\n"
             f"  open {base}/docs\n"
             "Ctrl-C stops everything.",

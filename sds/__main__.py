@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import sys
+import asyncio
 from collections.abc import Sequence
+
+from envoymesh import cli, logs
+from sds.config import Settings
+from sds.server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``sds`` command (the server arrives with issue #3)."""
-    del argv
-    sys.exit("sds: not built yet (issue #3)")
+    """Parse flags and environment, then serve until SIGTERM or SIGINT."""
+    settings = cli.parse(
+        Settings,
+        "sds",
+        "The envoymesh discovery server: Kubernetes EndpointSlices and self-registration,"
+        " served as Envoy's v1 SDS API and v3 xDS (REST and gRPC).",
+        argv,
+    )
+    logs.configure("sds", settings.log_level)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,8 @@ import pytest
 
 from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.postgres import LocalPostgres, free_port
+from sds.config import Settings as SdsSettings
+from sds.server import SdsServer
 from usersvc.app import create_app
 from usersvc.config import Settings
 
@@ -116,3 +119,49 @@ async def usersvc_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for proc in started:
         await proc.stop(timeout=5)
+
+
+class RunningSds:
+    """An in-process sds on loopback: its HTTP base URL and registry, for tests to drive."""
+
+    def __init__(self, server: SdsServer, settings: SdsSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.registry = server.registry
+        self.url = f"http://127.0.0.1:{settings.http_port}"
+        self.grpc_target = f"127.0.0.1:{settings.grpc_port}"
+
+
+@pytest.fixture
+async def start_sds() -> AsyncIterator[Callable[..., Any]]:
+    """Start sds servers (HTTP and gRPC on free loopback ports); all stopped at teardown."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> RunningSds:
+        values: dict[str, Any] = {
+            "http_host": "127.0.0.1",
+            "http_port": free_port(),
+            "grpc_host": "127.0.0.1",
+            "grpc_port": free_port(),
+            **overrides,
+        }
+        settings = SdsSettings(**values)
+        server = SdsServer(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(server.run(stop))
+        running.append((stop, task))
+        sds = RunningSds(server, settings)
+        await wait_http(f"{sds.url}/healthcheck", timeout=10)
+        return sds
+
+    yield start
+    for stop, task in running:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def sds(start_sds: Callable[..., Any]) -> RunningSds:
+    """One sds with the registration source and default settings."""
+    server: RunningSds = await start_sds()
+    return server

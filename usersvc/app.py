@@ -21,7 +21,7 @@ from usersvc import passwords
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
-from usersvc.limits import BodySizeLimit
+from envoymesh.limits import BodySizeLimit
 from usersvc.store import User, UserStore
 
 log = logging.getLogger("usersvc")

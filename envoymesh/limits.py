@@ -1,6 +1,6 @@
 """An ASGI middleware that refuses request bodies over a size limit with our JSON 413.
 
-Starlette's own limit answers in plain text; every usersvc answer must be our JSON shape.
+Starlette's own limit answers in plain text; our services answer every error in JSON.
 """
 
 from __future__ import annotations

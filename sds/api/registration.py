@@ -1,0 +1,91 @@
+"""Write routes of the v1 API; they feed the registration source, never the registry.
+
+Bodies may be lyft/discovery's form fields or the same fields as a JSON object. When a write
+token is configured every write needs ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+
+from sds import validation
+from sds.errors import ApiError, bad_request
+from sds.sources.registration import Host, RegistrationSource
+
+
+async def read_fields(request: Request) -> dict[str, Any]:
+    """The request's fields, from a JSON object or an urlencoded/multipart form."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            data = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad_request("request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise bad_request("request body must be a JSON object")
+        return data
+    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data", ""):
+        form = await request.form(max_files=0, max_fields=64)
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    raise ApiError(415, f"unsupported content type {content_type!r}: send JSON or a form")
+
+
+def _host_json(host: Host) -> dict[str, Any]:
+    return {
+        "service": host.service,
+        "ip_address": host.ip,
+        "port": host.port,
+        "revision": host.revision,
+        "service_repo_name": host.service_repo_name,
+        "tags": host.tags,
+    }
+
+
+def registration_router(source: RegistrationSource, write_token: SecretStr | None) -> APIRouter:
+    """POST/DELETE registration and load-balancing routes, guarded by the write token."""
+
+    async def authorize(request: Request) -> None:
+        if write_token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = write_token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise ApiError(401, "a valid 'Authorization: Bearer <token>' is required for writes")
+
+    router = APIRouter(tags=["v1 registration"], dependencies=[Depends(authorize)])
+
+    @router.post("/v1/registration/{service}", summary="Register a host, or heartbeat it")
+    async def register(service: str, request: Request) -> JSONResponse:
+        host = source.register(service, await read_fields(request))
+        return JSONResponse(_host_json(host))
+
+    @router.delete("/v1/registration/{service}/{ip}", summary="Remove every port of an IP")
+    async def deregister_ip(service: str, ip: str) -> JSONResponse:
+        return JSONResponse({"removed": source.deregister(service, ip)})
+
+    @router.delete("/v1/registration/{service}/{ip}/{port}", summary="Remove one instance")
+    async def deregister_instance(service: str, ip: str, port: str) -> JSONResponse:
+        return JSONResponse({"removed": source.deregister(service, ip, validation.port(port))})
+
+    async def _weight(service: str, ip: str | None, request: Request) -> Response:
+        fields = await read_fields(request)
+        if "load_balancing_weight" not in fields:
+            raise bad_request("load_balancing_weight is required")
+        source.set_weight(service, ip, fields["load_balancing_weight"])
+        return Response(status_code=204)
+
+    @router.post("/v1/loadbalancing/{service}", status_code=204, summary="Weight of all hosts")
+    async def weight_service(service: str, request: Request) -> Response:
+        return await _weight(service, None, request)
+
+    @router.post("/v1/loadbalancing/{service}/{ip}", status_code=204, summary="Weight of one IP")
+    async def weight_host(service: str, ip: str, request: Request) -> Response:
+        return await _weight(service, ip, request)
+
+    return router

@@ -1,0 +1,64 @@
+"""sds settings: ``SDS_*`` environment variables, overridable by command-line flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sds.model import Source
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything sds can be told; see ``sds --help``."""
+
+    model_config = SettingsConfigDict(env_prefix="SDS_", populate_by_name=True)
+
+    source: CommaList = Field(
+        default_factory=lambda: [Source.REGISTRATION.value],
+        description="where endpoints come from: kubernetes, registration (comma-separated)",
+    )
+    http_host: str = Field("0.0.0.0", description="address of the HTTP API (v1, v3 REST, metrics)")
+    http_port: int = Field(8080, ge=0, le=65535, description="port of the HTTP API")
+    grpc_host: str = Field("0.0.0.0", description="address of the gRPC xDS server")
+    grpc_port: int = Field(18000, ge=0, le=65535, description="port of the gRPC xDS server")
+    namespace: CommaList = Field(
+        default_factory=list, description="Kubernetes namespaces to watch (default: all)"
+    )
+    port_name: str = Field("", description="EndpointSlice port to use, by name (default: first)")
+    kube_api_url: str = Field(
+        "", description="API server URL without auth, as `kubectl proxy` gives"
+    )
+    kubeconfig: str = Field("", description="kubeconfig file (default: in-cluster, then ~/.kube)")
+    host_ttl: float = Field(600.0, gt=0, description="seconds a registered host lives unrefreshed")
+    write_token: SecretStr | None = Field(
+        None, description="when set, writes need `Authorization: Bearer <token>`"
+    )
+    env: str = Field("production", description="the `env` field of v1 answers (lyft compatible)")
+    xds_debounce: float = Field(
+        0.01, ge=0, description="seconds to coalesce registry changes before pushing xDS"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("source", "namespace", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _known_sources(cls, value: list[str]) -> list[str]:
+        known = {s.value for s in Source}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown source(s) {unknown}; choose from {sorted(known)}")
+        if not value:
+            raise ValueError("at least one source is needed")
+        return list(dict.fromkeys(value))

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the discovery server, in one place so names stay consistent.
+
+Histograms of xDS push and convergence time use Istio's bucket boundaries
+(``pilot_xds_push_time``, ``pilot_proxy_convergence_time``) so dashboards compare.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REGISTRY_SERVICES = Gauge("sds_registry_services", "Services with at least one endpoint")
+REGISTRY_ENDPOINTS = Gauge("sds_registry_endpoints", "Endpoints across all services")
+REGISTRY_REVISION = Gauge("sds_registry_revision", "Registry revision (real changes so far)")
+
+WATCH_RESTARTS = Counter(
+    "sds_kubernetes_watch_restarts_total", "Kubernetes watch streams re-established", ["reason"]
+)
+RELISTS = Counter("sds_kubernetes_relists_total", "Full lists of EndpointSlices", ["reason"])
+WATCH_EVENTS = Counter(
+    "sds_kubernetes_watch_events_total", "EndpointSlice watch events received", ["type"]
+)
+API_ERRORS = Counter("sds_kubernetes_api_errors_total", "Failed Kubernetes API calls", ["status"])
+
+REGISTRATIONS = Counter(
+    "sds_registrations_total", "v1 registrations accepted", ["kind"]
+)  # kind: new, heartbeat, change
+DEREGISTRATIONS = Counter("sds_deregistrations_total", "Hosts removed through the v1 API")
+EXPIRIES = Counter("sds_expired_hosts_total", "Registered hosts expired after --host-ttl")
+
+HTTP_REQUESTS = Counter(
+    "sds_http_requests_total", "HTTP requests served", ["method", "route", "status"]
+)
+
+XDS_STREAMS = Gauge("sds_xds_connected_streams", "Connected xDS clients", ["transport"])
+XDS_PUSHES = Counter("sds_xds_pushes_total", "xDS responses sent", ["transport"])
+XDS_NACKS = Counter("sds_xds_nacks_total", "xDS responses rejected by a proxy", ["transport"])
+XDS_PUSH_TIME = Histogram(
+    "sds_xds_push_time_seconds",
+    "Time to build and send one xDS response",
+    ["transport"],
+    buckets=(0.01, 0.1, 1, 3, 5, 10, 20, 30),
+)
+XDS_CONVERGENCE = Histogram(
+    "sds_proxy_convergence_time_seconds",
+    "Delay between a registry change and the proxy's ACK of it",
+    ["transport"],
+    buckets=(0.1, 0.5, 1, 3, 5, 10, 20, 30),
+)

@@ -1,0 +1,212 @@
+"""The endpoint registry: the one place sources write to and surfaces read from.
+
+Data flows one way. Sources (Kubernetes, self-registration) call the mutators; surfaces (the
+v1 API, xDS) read immutable :class:`ServiceSnapshot` objects and wait for change
+notifications. Everything runs on one event loop, so no locks are needed: a mutation and its
+notification happen without an ``await`` in between.
+
+Versions: the registry has a revision that increases by one for every real change of one
+service; a service's version is the revision of its last real change. A change is "real" when
+what a proxy routes on differs: a heartbeat that only refreshes ``last_check_in`` is not one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from sds.model import Endpoint, ServiceSnapshot, Source
+
+# How many recent per-service changes are remembered for changed_since(); a waiter further
+# behind than this is told to re-read everything.
+CHANGE_LOG_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    """What a source last said about itself (shown by ``/readyz``)."""
+
+    ready: bool
+    reason: str = ""
+
+
+class Registry:
+    """Endpoints per service and per source, with versions and change notification."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[str, dict[Source, dict[tuple[str, int], Endpoint]]] = {}
+        self._versions: dict[str, int] = {}
+        self._aliases: dict[str, set[str]] = {}
+        self._snapshots: dict[str, ServiceSnapshot] = {}
+        self._revision = 0
+        self._log: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG_SIZE)
+        self._changed = asyncio.Event()
+        self._statuses: dict[str, SourceStatus] = {}
+        self._pending_notify = False
+
+    # ----- reading -------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """Increases with every real change of any service."""
+        return self._revision
+
+    def services(self) -> list[str]:
+        """Canonical names of every service that has, or once had, endpoints."""
+        return sorted(self._versions)
+
+    def resolve(self, name: str) -> str:
+        """The canonical name for ``name``.
+
+        Kubernetes services are named ``name.namespace``; a plain ``name`` reaches one when
+        exactly one watched namespace has a service of that name.
+        """
+        if name in self._versions or "." in name:
+            return name
+        prefix = name + "."
+        matches = [
+            s for s in self._versions if s.startswith(prefix) and "." not in s[len(prefix) :]
+        ]
+        return matches[0] if len(matches) == 1 else name
+
+    def snapshot(self, name: str) -> ServiceSnapshot:
+        """The service as it is now; an unknown service is an empty snapshot at version 0."""
+        cached = self._snapshots.get(name)
+        if cached is not None:
+            return cached
+        per_source = self._endpoints.get(name, {})
+        endpoints = tuple(
+            sorted(
+                (e for by_key in per_source.values() for e in by_key.values()),
+                key=Endpoint.sort_key,
+            )
+        )
+        snap = ServiceSnapshot(name=name, version=self._versions.get(name, 0), endpoints=endpoints)
+        if name in self._versions:
+            self._snapshots[name] = snap
+        return snap
+
+    def changed_since(self, revision: int) -> set[str] | None:
+        """Services changed after ``revision``; None when that is too far back to know."""
+        if revision >= self._revision:
+            return set()
+        if not self._log or self._log[0][0] > revision + 1:
+            return None
+        changed: set[str] = set()
+        for rev, name in reversed(self._log):
+            if rev <= revision:
+                break
+            changed.add(name)
+        return changed
+
+    def endpoints_of(self, source: Source) -> Iterator[tuple[str, Endpoint]]:
+        """Every (service, endpoint) a source has registered."""
+        for name, per_source in list(self._endpoints.items()):
+            for endpoint in list(per_source.get(source, {}).values()):
+                yield name, endpoint
+
+    def counts(self) -> tuple[int, int]:
+        """(services with endpoints, endpoints) right now."""
+        services = endpoints = 0
+        for per_source in self._endpoints.values():
+            n = sum(len(by_key) for by_key in per_source.values())
+            if n:
+                services += 1
+                endpoints += n
+        return services, endpoints
+
+    async def wait_for_change(self, after: int, timeout: float) -> int:
+        """Return the revision once it passes ``after``, or after ``timeout`` seconds."""
+        while self._revision <= after:
+            event = self._changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+                continue
+            break
+        return self._revision
+
+    # ----- source status -------------------------------------------------------------------
+
+    def set_source_status(self, source: str, *, ready: bool, reason: str = "") -> None:
+        """Record whether a source finished its initial sync, and why not."""
+        self._statuses[source] = SourceStatus(ready=ready, reason=reason)
+
+    def source_statuses(self) -> Mapping[str, SourceStatus]:
+        """Every source's last reported status."""
+        return dict(self._statuses)
+
+    # ----- writing -------------------------------------------------------------------------
+
+    def replace(self, source: Source, name: str, endpoints: Iterable[Endpoint]) -> bool:
+        """Make ``endpoints`` the whole set ``source`` knows for ``name``; True when changed."""
+        changed = self._replace(source, name, endpoints)
+        self._notify()
+        return changed
+
+    def replace_source(
+        self, source: Source, services: Mapping[str, Iterable[Endpoint]]
+    ) -> set[str]:
+        """Make ``services`` everything ``source`` knows; its other services become empty.
+
+        Used after a Kubernetes relist: services deleted while disconnected disappear. One
+        notification for the whole batch.
+        """
+        changed = {name for name, eps in services.items() if self._replace(source, name, eps)}
+        for name, per_source in list(self._endpoints.items()):
+            if name not in services and per_source.get(source) and self._replace(source, name, ()):
+                changed.add(name)
+        self._notify()
+        return changed
+
+    def upsert(self, source: Source, name: str, endpoint: Endpoint) -> bool:
+        """Add or refresh one endpoint; True when that was a real change (not a heartbeat)."""
+        by_key = self._endpoints.setdefault(name, {}).setdefault(source, {})
+        previous = by_key.get(endpoint.key)
+        by_key[endpoint.key] = endpoint
+        self._snapshots.pop(name, None)  # last_check_in is shown even when nothing else moved
+        if previous == endpoint:
+            return False
+        self._bump(name)
+        self._notify()
+        return True
+
+    def remove(self, source: Source, name: str, address: str, port: int | None = None) -> int:
+        """Remove ``address`` (one port, or all of them) from ``name``; how many went."""
+        by_key = self._endpoints.get(name, {}).get(source, {})
+        doomed = [k for k in by_key if k[0] == address and (port is None or k[1] == port)]
+        for key in doomed:
+            del by_key[key]
+        if doomed:
+            self._bump(name)
+            self._notify()
+        return len(doomed)
+
+    def _replace(self, source: Source, name: str, endpoints: Iterable[Endpoint]) -> bool:
+        new = {e.key: e for e in endpoints}
+        per_source = self._endpoints.setdefault(name, {})
+        old = per_source.get(source, {})
+        per_source[source] = new
+        self._snapshots.pop(name, None)
+        if old == new:
+            return False
+        self._bump(name)
+        return True
+
+    def _bump(self, name: str) -> None:
+        if name not in self._versions and "." in name:
+            self._aliases.setdefault(name.split(".", 1)[0], set()).add(name)
+        self._revision += 1
+        self._versions[name] = self._revision
+        self._snapshots.pop(name, None)
+        self._log.append((self._revision, name))
+        self._pending_notify = True
+
+    def _notify(self) -> None:
+        if self._pending_notify:
+            self._pending_notify = False
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()

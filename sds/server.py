@@ -1,0 +1,112 @@
+"""Wires sources → registry → surfaces together and runs them on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter
+
+from sds.api.app import create_app
+from sds.api.registration import registration_router
+from sds.api.v1 import V1Api
+from sds.config import Settings
+from sds.model import Source
+from sds.registry import Registry
+from sds.sources.registration import RegistrationSource
+
+log = logging.getLogger("sds")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the sds process owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class SdsServer:
+    """The discovery server: its registry, sources and HTTP surface."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry()
+        self._jobs: dict[str, Coroutine[Any, Any, None]] = {}
+        routers: list[APIRouter] = [V1Api(self.registry, settings.env).router()]
+        if Source.REGISTRATION.value in settings.source:
+            registration = RegistrationSource(self.registry, host_ttl=settings.host_ttl)
+            routers.append(registration_router(registration, settings.write_token))
+            self._jobs["registration"] = registration.run()
+        if Source.KUBERNETES.value in settings.source:
+            from sds.sources.kubernetes import KubernetesSource  # noqa: PLC0415 - optional
+
+            kubernetes = KubernetesSource(
+                self.registry,
+                namespaces=settings.namespace,
+                port_name=settings.port_name,
+                kube_api_url=settings.kube_api_url,
+                kubeconfig=settings.kubeconfig,
+            )
+            self._jobs["kubernetes"] = kubernetes.run()
+        self.app = create_app(self.registry, routers)
+        self._http = _HttpServer(
+            uvicorn.Config(
+                self.app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                server_header=False,
+            )
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set or a component fails; then shut everything down."""
+        tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
+        http = asyncio.create_task(self._http.serve(), name="http")
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        log.info(
+            "sds started",
+            extra={
+                "sources": self.settings.source,
+                "http": f"{self.settings.http_host}:{self.settings.http_port}",
+                "writes_guarded": self.settings.write_token is not None,
+            },
+        )
+        try:
+            done, _ = await asyncio.wait(
+                {*tasks, http, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done - {stopper}:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "component failed",
+                        extra={"component": task.get_name()},
+                        exc_info=task.exception(),
+                    )
+                    raise SystemExit(1)
+        finally:
+            stopper.cancel()
+            self._http.should_exit = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(http), 10)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, http, stopper, return_exceptions=True)
+            log.info("sds stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run sds until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await SdsServer(settings).run(stop)

@@ -1,0 +1,1 @@
+"""Where the registry's endpoints come from: Kubernetes watches and self-registration."""

@@ -1,0 +1,149 @@
+"""Self-registration: hosts announce themselves over HTTP (lyft/discovery compatible).
+
+A host POSTs ``/v1/registration/{service}`` when it starts and again as a heartbeat; it is
+removed by DELETE or, when it stops checking in, ``host_ttl`` seconds later by a background
+sweep. Unlike lyft/discovery the key is (service, ip, port), so one machine may run several
+instances, and IPv6 works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sds import metrics, validation
+from sds.errors import ApiError
+from sds.model import Endpoint, Source
+from sds.registry import Registry
+
+log = logging.getLogger("sds.registration")
+
+# Tags that map onto Endpoint fields rather than being carried along as-is.
+_ROUTED_TAGS = frozenset({"az", "region", "canary", "load_balancing_weight"})
+
+
+@dataclass(slots=True)
+class Host:
+    """One registered instance, as the registration source remembers it."""
+
+    service: str
+    ip: str
+    port: int
+    revision: str = ""
+    service_repo_name: str = ""
+    tags: dict[str, Any] = field(default_factory=dict)
+    last_check_in: float = 0.0
+
+    def endpoint(self) -> Endpoint:
+        """The registry's view of this host."""
+        return Endpoint(
+            address=self.ip,
+            port=self.port,
+            source=Source.REGISTRATION,
+            zone=str(self.tags.get("az", "")),
+            region=str(self.tags.get("region", "")),
+            canary=bool(self.tags.get("canary", False)),
+            weight=int(self.tags.get("load_balancing_weight", 1)),
+            revision=self.revision,
+            service_repo_name=self.service_repo_name,
+            tags=tuple(sorted((k, str(v)) for k, v in self.tags.items() if k not in _ROUTED_TAGS)),
+            last_check_in=self.last_check_in,
+        )
+
+
+class RegistrationSource:
+    """Accepts registrations, heartbeats and removals; expires silent hosts."""
+
+    def __init__(
+        self, registry: Registry, *, host_ttl: float, sweep_interval: float | None = None
+    ) -> None:
+        self._registry = registry
+        self._ttl = host_ttl
+        self._sweep_interval = sweep_interval or min(max(host_ttl / 10, 0.05), 30.0)
+        self._hosts: dict[tuple[str, str, int], Host] = {}
+
+    async def run(self) -> None:
+        """Expire hosts whose last check-in is older than the TTL, until cancelled."""
+        self._registry.set_source_status(Source.REGISTRATION.value, ready=True)
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.expire(time.time())
+
+    def expire(self, now: float) -> int:
+        """Remove every host not heard from for ``host_ttl`` seconds; how many went."""
+        deadline = now - self._ttl
+        expired = [key for key, host in self._hosts.items() if host.last_check_in < deadline]
+        for key in expired:
+            host = self._hosts.pop(key)
+            self._registry.remove(Source.REGISTRATION, host.service, host.ip, host.port)
+            log.info(
+                "host expired",
+                extra={"service": host.service, "ip": host.ip, "port": host.port, "ttl": self._ttl},
+            )
+        if expired:
+            metrics.EXPIRIES.inc(len(expired))
+        return len(expired)
+
+    def register(self, service: str, fields: dict[str, Any]) -> Host:
+        """Register or heartbeat a host from lyft-style fields; tags merge on re-post."""
+        service = validation.service_name(service)
+        if "ip" not in fields or "port" not in fields:
+            raise ApiError(400, "ip and port are required")
+        ip = validation.ip_address(fields["ip"])
+        port = validation.port(fields["port"])
+        tags = validation.tags(fields.get("tags"))
+        revision = validation.short_text(fields.get("revision"), "revision")
+        repo = validation.short_text(fields.get("service_repo_name"), "service_repo_name")
+
+        key = (service, ip, port)
+        host = self._hosts.get(key)
+        kind = "heartbeat"
+        if host is None:
+            host = Host(service=service, ip=ip, port=port)
+            self._hosts[key] = host
+            kind = "new"
+        host.tags.update(tags)
+        if revision:
+            host.revision = revision
+        if repo:
+            host.service_repo_name = repo
+        host.last_check_in = time.time()
+        if self._registry.upsert(Source.REGISTRATION, service, host.endpoint()) and kind != "new":
+            kind = "change"
+        metrics.REGISTRATIONS.labels(kind=kind).inc()
+        if kind != "heartbeat":
+            log.info(
+                "host registered", extra={"service": service, "ip": ip, "port": port, "kind": kind}
+            )
+        return replace(host, tags=dict(host.tags))
+
+    def deregister(self, service: str, ip: str, port: int | None = None) -> int:
+        """Remove one instance (``port``) or every instance on ``ip``; 404 when none."""
+        service = validation.service_name(service)
+        ip = validation.ip_address(ip)
+        doomed = [k for k in self._hosts if k[0] == service and k[1] == ip and port in (None, k[2])]
+        if not doomed:
+            raise ApiError(404, f"no host {ip}{f':{port}' if port else ''} in service {service}")
+        for key in doomed:
+            del self._hosts[key]
+        self._registry.remove(Source.REGISTRATION, service, ip, port)
+        metrics.DEREGISTRATIONS.inc(len(doomed))
+        log.info("host deregistered", extra={"service": service, "ip": ip, "port": port})
+        return len(doomed)
+
+    def set_weight(self, service: str, ip: str | None, value: object) -> int:
+        """Set the load-balancing weight of one IP's instances, or of the whole service."""
+        service = validation.service_name(service)
+        weight = validation.weight(value)
+        address = validation.ip_address(ip) if ip is not None else None
+        hosts = [h for k, h in self._hosts.items() if k[0] == service and address in (None, k[1])]
+        if not hosts:
+            target = f"host {address}" if address else "any host"
+            raise ApiError(404, f"{target} not registered in service {service}")
+        for host in hosts:
+            host.tags["load_balancing_weight"] = weight
+            self._registry.upsert(Source.REGISTRATION, service, host.endpoint())
+        return len(hosts)

@@ -1,0 +1,102 @@
+"""Checks on what clients send: service names, addresses, ports, weights, tags."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sds.errors import bad_request
+from sds.model import normalize_ip
+
+# Registered names are plain; Kubernetes services are also reachable as name.namespace.
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,252}$")
+QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,252}(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})?$")
+
+
+def service_name(value: str, *, qualified: bool = False) -> str:
+    """``value`` when it is a valid service name, else a 400."""
+    pattern = QUALIFIED_NAME if qualified else SERVICE_NAME
+    if not pattern.match(value):
+        raise bad_request(
+            f"invalid service name {value[:80]!r}: use letters, digits, '-' and '_'"
+            + (" (optionally .namespace)" if qualified else "")
+        )
+    return value
+
+
+def ip_address(value: object) -> str:
+    """The canonical form of an IPv4 or IPv6 address, else a 400."""
+    if not isinstance(value, str):
+        raise bad_request("ip must be a string holding an IPv4 or IPv6 address")
+    try:
+        return normalize_ip(value)
+    except ValueError:
+        raise bad_request(f"invalid ip {value[:80]!r}: not an IPv4 or IPv6 address") from None
+
+
+def _integer(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise bad_request(f"{what} must be an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,6}\s*", value):
+        return int(value)
+    raise bad_request(f"{what} must be an integer")
+
+
+def port(value: object) -> int:
+    """A TCP port 1-65535, else a 400."""
+    number = _integer(value, "port")
+    if not 1 <= number <= 65535:
+        raise bad_request(f"port must be between 1 and 65535, got {number}")
+    return number
+
+
+def weight(value: object) -> int:
+    """A load-balancing weight 1-100, else a 400."""
+    number = _integer(value, "load_balancing_weight")
+    if not 1 <= number <= 100:
+        raise bad_request(f"load_balancing_weight must be between 1 and 100, got {number}")
+    return number
+
+
+def short_text(value: object, what: str, limit: int = 256) -> str:
+    """A string of at most ``limit`` characters, else a 400."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) and not isinstance(value, int | float):
+        raise bad_request(f"{what} must be a string")
+    text = str(value)
+    if len(text) > limit:
+        raise bad_request(f"{what} is longer than {limit} characters")
+    return text
+
+
+def tags(value: object) -> dict[str, Any]:
+    """Tags as lyft sent them (a JSON string) or as an object; checked and normalised."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise bad_request("Invalid json supplied in tags") from None
+    if not isinstance(value, dict):
+        raise bad_request("tags must be a JSON object")
+    checked: dict[str, Any] = {}
+    for key, item in value.items():
+        if len(key) > 64:
+            raise bad_request("tag names are at most 64 characters")
+        if key == "canary":
+            flag = item.lower() == "true" if isinstance(item, str) else item
+            if not isinstance(flag, bool) or (
+                isinstance(item, str) and item.lower() != str(flag).lower()
+            ):
+                raise bad_request("tag canary must be true or false")
+            checked[key] = flag
+        elif key == "load_balancing_weight":
+            checked[key] = weight(item)
+        else:
+            checked[key] = short_text(item, f"tag {key}")
+    return checked
