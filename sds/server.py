@@ -19,6 +19,11 @@ from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
 from sds.sources.registration import RegistrationSource
+from sds.xds.grpc_server import start_grpc_server
+from sds.xds.proxies import ProxyTracker
+from sds.xds.resources import ResourceCache
+from sds.xds.rest import xds_rest_router
+from sds.xds.stream import stream_factory
 
 log = logging.getLogger("sds")
 
@@ -38,7 +43,15 @@ class SdsServer:
         self.settings = settings
         self.registry = Registry()
         self._jobs: dict[str, Coroutine[Any, Any, None]] = {}
-        routers: list[APIRouter] = [V1Api(self.registry, settings.env).router()]
+        self.proxies = ProxyTracker()
+        self._resources = resources = ResourceCache(self.registry)
+        self._make_stream = stream_factory(
+            self.registry, resources, self.proxies, settings.xds_debounce
+        )
+        routers: list[APIRouter] = [
+            V1Api(self.registry, settings.env).router(),
+            xds_rest_router(resources, self.proxies),
+        ]
         if Source.REGISTRATION.value in settings.source:
             registration = RegistrationSource(self.registry, host_ttl=settings.host_ttl)
             routers.append(registration_router(registration, settings.write_token))
@@ -69,6 +82,9 @@ class SdsServer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set or a component fails; then shut everything down."""
+        grpc_server = await start_grpc_server(
+            self._make_stream, self._resources, self.settings.grpc_host, self.settings.grpc_port
+        )
         tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
         http = asyncio.create_task(self._http.serve(), name="http")
         stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -77,6 +93,7 @@ class SdsServer:
             extra={
                 "sources": self.settings.source,
                 "http": f"{self.settings.http_host}:{self.settings.http_port}",
+                "grpc": f"{self.settings.grpc_host}:{self.settings.grpc_port}",
                 "writes_guarded": self.settings.write_token is not None,
             },
         )
@@ -95,6 +112,7 @@ class SdsServer:
         finally:
             stopper.cancel()
             self._http.should_exit = True
+            await grpc_server.stop(grace=1.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(http), 10)
             for task in tasks:

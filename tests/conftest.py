@@ -151,7 +151,13 @@ async def start_sds() -> AsyncIterator[Callable[..., Any]]:
         task = asyncio.create_task(server.run(stop))
         running.append((stop, task))
         sds = RunningSds(server, settings)
-        await wait_http(f"{sds.url}/healthcheck", timeout=10)
+        ready = asyncio.create_task(wait_http(f"{sds.url}/healthcheck", timeout=10))
+        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()
+            raise RuntimeError("sds stopped during start-up")
+        ready.result()
         return sds
 
     yield start

@@ -17,11 +17,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from envoymesh.limits import BodySizeLimit
 from usersvc import passwords
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
-from envoymesh.limits import BodySizeLimit
 from usersvc.store import User, UserStore
 
 log = logging.getLogger("usersvc")

@@ -1,0 +1,1 @@
+"""v3 xDS endpoint discovery: REST-JSON and gRPC (state-of-the-world and delta)."""

@@ -1,0 +1,122 @@
+"""Who is connected and how far each proxy got: the data behind ``/debug/proxies``.
+
+The equivalent of ``istioctl proxy-status``: for every xDS client, what we last sent, what it
+last acknowledged, and the last error it reported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+
+from sds import metrics
+
+# A REST client that has not polled for this long is no longer listed as connected.
+REST_CLIENT_EXPIRY = 120.0
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class ProxyStatus:
+    """One xDS client connection (or one REST poller, keyed by node id)."""
+
+    node_id: str
+    cluster: str
+    transport: str  # rest, sotw or delta
+    service: str  # ads, eds or rest
+    user_agent: str = ""
+    subscribed: list[str] = field(default_factory=list)
+    last_version_sent: str = ""
+    last_nonce_sent: str = ""
+    last_version_acked: str = ""
+    last_nack: str = ""
+    last_nack_nonce: str = ""
+    responses_sent: int = 0
+    nacks: int = 0
+    connected_since: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def state(self) -> str:
+        """SYNCED when the last response was ACKed, NACKED when rejected, else STALE."""
+        if self.last_nack and self.last_nack_nonce == self.last_nonce_sent:
+            return "NACKED"
+        if self.last_version_sent and self.last_version_acked == self.last_version_sent:
+            return "SYNCED"
+        return "STALE"
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields ``/debug/proxies`` shows."""
+        return {
+            "id": self.id,
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "transport": self.transport,
+            "service": self.service,
+            "user_agent": self.user_agent,
+            "subscribed": sorted(self.subscribed),
+            "last_version_sent": self.last_version_sent,
+            "last_nonce_sent": self.last_nonce_sent,
+            "last_version_acked": self.last_version_acked,
+            "last_nack": self.last_nack,
+            "responses_sent": self.responses_sent,
+            "nacks": self.nacks,
+            "state": self.state,
+            "connected_since": self.connected_since,
+            "last_seen": self.last_seen,
+        }
+
+
+class ProxyTracker:
+    """Every connected proxy; streams register on connect and leave on disconnect."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, ProxyStatus] = {}
+        self._rest: dict[str, ProxyStatus] = {}
+
+    def connect(self, node: base_pb2.Node, transport: str, service: str) -> ProxyStatus:
+        """Record a new stream from ``node``."""
+        status = ProxyStatus(
+            node_id=node.id,
+            cluster=node.cluster,
+            transport=transport,
+            service=service,
+            user_agent=f"{node.user_agent_name}/{node.user_agent_version}".strip("/"),
+        )
+        self._streams[status.id] = status
+        metrics.XDS_STREAMS.labels(transport).inc()
+        return status
+
+    def disconnect(self, status: ProxyStatus) -> None:
+        """Forget a stream that ended."""
+        if self._streams.pop(status.id, None) is not None:
+            metrics.XDS_STREAMS.labels(status.transport).dec()
+
+    def rest_client(self, node: base_pb2.Node) -> ProxyStatus:
+        """The status of a REST poller, created on its first poll."""
+        key = f"{node.id}\0{node.cluster}"
+        status = self._rest.get(key)
+        if status is None:
+            status = ProxyStatus(
+                node_id=node.id,
+                cluster=node.cluster,
+                transport="rest",
+                service="rest",
+                user_agent=f"{node.user_agent_name}/{node.user_agent_version}".strip("/"),
+            )
+            self._rest[key] = status
+        status.last_seen = time.time()
+        return status
+
+    def all(self) -> list[ProxyStatus]:
+        """Connected streams and recently seen REST pollers, oldest first."""
+        cutoff = time.time() - REST_CLIENT_EXPIRY
+        for key in [k for k, s in self._rest.items() if s.last_seen < cutoff]:
+            del self._rest[key]
+        return sorted([*self._streams.values(), *self._rest.values()], key=lambda s: s.id)

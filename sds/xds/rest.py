@@ -1,0 +1,62 @@
+"""REST-JSON xDS (``POST /v3/discovery:endpoints``) and the proxy status page.
+
+Envoy's REST subscription polls with the version it last accepted; we answer 304 when that is
+still current, so an idle mesh costs one tiny exchange per poll.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+from fastapi import APIRouter, Request, Response
+from google.protobuf import json_format
+
+from sds import metrics
+from sds.errors import bad_request
+from sds.xds.fetch import fetch
+from sds.xds.proxies import ProxyTracker
+from sds.xds.resources import ResourceCache
+
+
+def xds_rest_router(cache: ResourceCache, tracker: ProxyTracker) -> APIRouter:
+    """The REST xDS endpoint and ``/debug/proxies``."""
+    router = APIRouter()
+
+    @router.post(
+        "/v3/discovery:endpoints",
+        tags=["v3 xDS"],
+        summary="EDS over REST: a DiscoveryRequest in, a DiscoveryResponse out (JSON)",
+        responses={304: {"description": "the request's version_info is current"}},
+    )
+    async def discovery(request: Request) -> Response:
+        body = await request.body()
+        try:
+            req = json_format.Parse(
+                body or b"{}", discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
+            )
+        except json_format.ParseError as exc:
+            raise bad_request(f"not a DiscoveryRequest: {exc}") from None
+        version, response = fetch(cache, req)
+        status = tracker.rest_client(req.node)
+        status.subscribed = list(req.resource_names) or ["*"]
+        status.last_version_acked = req.version_info
+        status.last_version_sent = version
+        if response is None:
+            return Response(status_code=304)
+        status.responses_sent += 1
+        metrics.XDS_PUSHES.labels("rest").inc()
+        return Response(
+            json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None),
+            media_type="application/json",
+        )
+
+    @router.get(
+        "/debug/proxies",
+        tags=["operations"],
+        summary="Every connected proxy and how far it is in sync (like istioctl proxy-status)",
+    )
+    async def proxies() -> dict[str, Any]:
+        return {"proxies": [p.as_json() for p in tracker.all()]}
+
+    return router
