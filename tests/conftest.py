@@ -12,8 +12,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 
 from envoymesh.procs import ManagedProcess, wait_http
+from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres, free_port
 from sds.config import Settings as SdsSettings
 from sds.server import SdsServer
@@ -124,18 +126,35 @@ async def usersvc_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
 class RunningSds:
     """An in-process sds on loopback: its HTTP base URL and registry, for tests to drive."""
 
-    def __init__(self, server: SdsServer, settings: SdsSettings) -> None:
-        self.server = server
+    def __init__(self, settings: SdsSettings) -> None:
         self.settings = settings
-        self.registry = server.registry
+        self.server = SdsServer(settings)
+        self.registry = self.server.registry
         self.url = f"http://127.0.0.1:{settings.http_port}"
         self.grpc_target = f"127.0.0.1:{settings.grpc_port}"
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.server.run(self._stop))
+
+    async def started(self) -> None:
+        """Wait until it answers HTTP; raise if it died instead."""
+        ready = asyncio.create_task(wait_http(f"{self.url}/healthcheck", timeout=10))
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            self._task.result()
+            raise RuntimeError("sds stopped during start-up")
+        ready.result()
+
+    async def stop(self) -> None:
+        """Shut it down as SIGTERM would, and wait for that to finish."""
+        self._stop.set()
+        await asyncio.wait_for(self._task, 15)
 
 
 @pytest.fixture
 async def start_sds() -> AsyncIterator[Callable[..., Any]]:
     """Start sds servers (HTTP and gRPC on free loopback ports); all stopped at teardown."""
-    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    running: list[RunningSds] = []
 
     async def start(**overrides: Any) -> RunningSds:
         values: dict[str, Any] = {
@@ -145,25 +164,14 @@ async def start_sds() -> AsyncIterator[Callable[..., Any]]:
             "grpc_port": free_port(),
             **overrides,
         }
-        settings = SdsSettings(**values)
-        server = SdsServer(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(server.run(stop))
-        running.append((stop, task))
-        sds = RunningSds(server, settings)
-        ready = asyncio.create_task(wait_http(f"{sds.url}/healthcheck", timeout=10))
-        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()
-            raise RuntimeError("sds stopped during start-up")
-        ready.result()
+        sds = RunningSds(SdsSettings(**values))
+        running.append(sds)
+        await sds.started()
         return sds
 
     yield start
-    for stop, task in running:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    for sds in running:
+        await sds.stop()
 
 
 @pytest.fixture
@@ -171,3 +179,87 @@ async def sds(start_sds: Callable[..., Any]) -> RunningSds:
     """One sds with the registration source and default settings."""
     server: RunningSds = await start_sds()
     return server
+
+
+@pytest.fixture
+async def start_envoy(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start real Envoys from config text; all stopped at teardown."""
+    started: list[EnvoyProxy] = []
+
+    async def start(name: str, config: str, admin_port: int) -> EnvoyProxy:
+        proxy = EnvoyProxy(name, config, admin_port=admin_port, run_dir=run_dir)
+        started.append(proxy)
+        await proxy.start()
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+def backends_config(ports: list[int], admin_port: int) -> str:
+    """One Envoy serving ``backend-<i>`` on each port (HTTP/1.1 and h2c), for traffic tests."""
+    listeners = [
+        {
+            "name": f"backend-{i}",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                                ".http_connection_manager.v3.HttpConnectionManager",
+                                "stat_prefix": f"backend_{i}",
+                                "codec_type": "AUTO",
+                                "route_config": {
+                                    "virtual_hosts": [
+                                        {
+                                            "name": "all",
+                                            "domains": ["*"],
+                                            "routes": [
+                                                {
+                                                    "match": {"prefix": "/"},
+                                                    "direct_response": {
+                                                        "status": 200,
+                                                        "body": {"inline_string": f"backend-{i}"},
+                                                    },
+                                                }
+                                            ],
+                                        }
+                                    ]
+                                },
+                                "http_filters": [
+                                    {
+                                        "name": "envoy.filters.http.router",
+                                        "typed_config": {
+                                            "@type": "type.googleapis.com/envoy.extensions"
+                                            ".filters.http.router.v3.Router"
+                                        },
+                                    }
+                                ],
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+        for i, port in enumerate(ports)
+    ]
+    return yaml.safe_dump(
+        {
+            "admin": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+            },
+            "static_resources": {"listeners": listeners},
+        }
+    )
+
+
+@pytest.fixture
+async def backends(start_envoy: Callable[..., Any]) -> list[int]:
+    """Three HTTP backends on loopback; each answers its name (``backend-0`` ...)."""
+    ports, admin = [free_port() for _ in range(3)], free_port()
+    await start_envoy("backends", backends_config(ports, admin), admin)
+    return ports
