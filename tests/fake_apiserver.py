@@ -1,0 +1,598 @@
+"""A Kubernetes API server for tests: list and watch of ``discovery.k8s.io/v1`` EndpointSlices.
+
+No real API server can run where the tests run, so this one speaks enough of the real
+protocol for the unpatched kubernetes-asyncio client: paginated lists with a consistent
+snapshot per continue token, label and field selectors, chunked JSON-lines watches that replay
+a bounded history from a resourceVersion, bookmarks, and ``410 Gone`` once that history is
+compacted. Tests steer it from their own event loop (``apply``, ``delete``, ``compact``,
+``drop_watches``, ``set_forbidden``, ``stop``/``start``) and read its request counters.
+
+Run as a script it serves a preloaded cluster in its own process (used by the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import copy
+import itertools
+import json
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+API_VERSION = "discovery.k8s.io/v1"
+GROUP_PATH = "/apis/discovery.k8s.io/v1"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+Obj = dict[str, Any]
+Predicate = Callable[[Obj], bool]
+
+
+# ----- building objects ------------------------------------------------------------------
+
+
+def slice_endpoint(
+    *addresses: str,
+    ready: bool | None = True,
+    serving: bool | None = None,
+    terminating: bool | None = None,
+    zone: str | None = None,
+) -> Obj:
+    """One entry of an EndpointSlice's ``endpoints``; a None condition is left out."""
+    conditions = {
+        key: value
+        for key, value in (("ready", ready), ("serving", serving), ("terminating", terminating))
+        if value is not None
+    }
+    entry: Obj = {"addresses": list(addresses), "conditions": conditions}
+    if zone is not None:
+        entry["zone"] = zone
+    return entry
+
+
+def endpoint_slice(
+    name: str,
+    namespace: str = "default",
+    service: str | None = None,
+    *,
+    addresses: Sequence[str] = (),
+    ready: bool | None = True,
+    serving: bool | None = None,
+    terminating: bool | None = None,
+    zone: str | None = None,
+    ports: Sequence[tuple[str | None, int | None]] = (("http", 80),),
+    address_type: str = "IPv4",
+    endpoints: Sequence[Obj] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Obj:
+    """An EndpointSlice as the API serves it (without resourceVersion, which ``apply`` sets).
+
+    ``service`` becomes the ``kubernetes.io/service-name`` label (None: no label). Every
+    address gets its own endpoint with the given conditions and zone, unless ``endpoints``
+    spells them out.
+    """
+    all_labels = dict(labels or {})
+    if service is not None:
+        all_labels[SERVICE_NAME_LABEL] = service
+    if endpoints is None:
+        endpoints = [
+            slice_endpoint(a, ready=ready, serving=serving, terminating=terminating, zone=zone)
+            for a in addresses
+        ]
+    port_list: list[Obj] = []
+    for port_name, port in ports:
+        entry: Obj = {"protocol": "TCP"}
+        if port_name is not None:
+            entry["name"] = port_name
+        if port is not None:
+            entry["port"] = port
+        port_list.append(entry)
+    return {
+        "kind": "EndpointSlice",
+        "apiVersion": API_VERSION,
+        "metadata": {"name": name, "namespace": namespace, "labels": all_labels},
+        "addressType": address_type,
+        "endpoints": list(endpoints),
+        "ports": port_list,
+    }
+
+
+def status_object(code: int, reason: str, message: str) -> Obj:
+    """A ``v1 Status`` failure, the body of every API error."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+# ----- selectors -------------------------------------------------------------------------
+
+
+class SelectorError(ValueError):
+    """A label or field selector the server does not understand."""
+
+
+def _parse_terms(text: str) -> list[tuple[str, str, str]]:
+    """Split ``a=b,c!=d,e,!f`` into (key, operator, value) terms."""
+    terms: list[tuple[str, str, str]] = []
+    for raw in text.split(","):
+        term = raw.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "==" in term:
+            key, value = term.split("==", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif term.startswith("!"):
+            terms.append((term[1:].strip(), "!exists", ""))
+        else:
+            terms.append((term, "exists", ""))
+    for key, _, _ in terms:
+        if not key:
+            raise SelectorError(f"invalid selector {text!r}")
+    return terms
+
+
+def parse_label_selector(text: str) -> Predicate:
+    """A predicate on objects for a label selector (equality-based and existence terms)."""
+    terms = _parse_terms(text)
+
+    def matches(obj: Obj) -> bool:
+        labels: Mapping[str, str] = obj["metadata"].get("labels") or {}
+        for key, op, value in terms:
+            present = key in labels
+            if op == "exists" and not present:
+                return False
+            if op == "!exists" and present:
+                return False
+            if op == "=" and labels.get(key) != value:
+                return False
+            if op == "!=" and present and labels[key] == value:
+                return False
+        return True
+
+    return matches
+
+
+def parse_field_selector(text: str) -> Predicate:
+    """A predicate for ``metadata.name`` / ``metadata.namespace`` field selectors."""
+    terms = _parse_terms(text)
+    for key, op, _ in terms:
+        if key not in ("metadata.name", "metadata.namespace") or op not in ("=", "!="):
+            raise SelectorError(f'field label not supported: "{key}"')
+
+    def matches(obj: Obj) -> bool:
+        meta = obj["metadata"]
+        for key, op, value in terms:
+            actual = meta.get(key.split(".", 1)[1], "")
+            if (actual == value) != (op == "="):
+                return False
+        return True
+
+    return matches
+
+
+def _parse_bool(text: str | None) -> bool:
+    """Query booleans as Go's strconv.ParseBool reads them (the client sends ``True``)."""
+    return text in ("1", "t", "T", "true", "TRUE", "True")
+
+
+# ----- the server ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    obj: Obj
+    raw: bytes  # serialised once: lists are mostly byte joins
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    rv: int
+    type: str  # ADDED, MODIFIED or DELETED, before selector filtering
+    old: Obj | None
+    new: Obj
+
+
+@dataclass(frozen=True, slots=True)
+class _ListSnapshot:
+    rv: int
+    items: list[_Stored]
+    query: str  # a continue token is only valid for the same selectors and scope
+
+
+@dataclass(eq=False)
+class _Watcher:
+    matches: Predicate
+    bookmarks: bool
+    queue: asyncio.Queue[_Change | int | None] = field(default_factory=asyncio.Queue)
+    # queue items: a change, a bookmark (its resourceVersion), None to drop the stream
+
+
+class FakeApiServer:
+    """EndpointSlice list/watch over HTTP on 127.0.0.1, with knobs to misbehave."""
+
+    def __init__(self, *, history_limit: int = 1000, first_resource_version: int = 1000) -> None:
+        self._objects: dict[tuple[str, str], _Stored] = {}
+        self._rv = first_resource_version
+        self._history: deque[_Change] = deque()
+        self._history_limit = history_limit
+        self._compacted_rv = first_resource_version  # watches from before this get 410
+        self._watchers: set[_Watcher] = set()
+        self._snapshots: dict[int, _ListSnapshot] = {}
+        self._snapshot_ids = itertools.count(1)
+        self._forbidden = False
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self.list_requests = 0
+        """Every list request, each page counted."""
+        self.lists = 0
+        """Lists started (first pages): what a relist adds to."""
+        self.watches = 0
+        """Watch requests, each resume counted."""
+        self.watch_resource_versions: list[str] = []
+        """The ``resourceVersion`` of every watch request, in order."""
+
+    # ----- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL of the API, as ``kubectl proxy`` would give it."""
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is accepting connections."""
+        return self._runner is not None
+
+    async def start(self) -> None:
+        """Listen (again): a random port the first time, the same port after a ``stop``."""
+        if self._runner is not None:
+            return
+        app = web.Application()
+        app.router.add_get(f"{GROUP_PATH}/endpointslices", self._handle)
+        app.router.add_get(f"{GROUP_PATH}/namespaces/{{namespace}}/endpointslices", self._handle)
+        # handler_cancellation: notice clients that hang up, as a real API server does.
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self._port, reuse_address=True)
+        await site.start()
+        self._port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Go down like a crashed API server: streams cut, connections refused; state kept."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self.drop_watches()
+        await runner.cleanup()
+
+    # ----- test controls -------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        """The newest resourceVersion handed out."""
+        return self._rv
+
+    @property
+    def open_watches(self) -> int:
+        """Watch streams open right now."""
+        return len(self._watchers)
+
+    def apply(self, obj: Obj) -> Obj:
+        """Create or replace an object (keyed by namespace and name); the stored copy."""
+        meta = obj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        previous = self._objects.get(key)
+        stored = self._store(obj)
+        if previous is None:
+            self._append(_Change(self._rv, "ADDED", None, stored.obj))
+        else:
+            self._append(_Change(self._rv, "MODIFIED", previous.obj, stored.obj))
+        return stored.obj
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Delete an object; KeyError when there is none."""
+        previous = self._objects.pop((namespace, name))
+        self._rv += 1
+        gone = copy.deepcopy(previous.obj)
+        gone["metadata"]["resourceVersion"] = str(self._rv)
+        self._append(_Change(self._rv, "DELETED", previous.obj, gone))
+
+    def compact(self) -> None:
+        """Forget the event history: watches from an older resourceVersion get 410 Gone."""
+        self._history.clear()
+        self._compacted_rv = self._rv
+
+    def drop_watches(self) -> None:
+        """Cut every open watch stream mid-flight (no clean end of the chunked body)."""
+        for watcher in self._watchers:
+            watcher.queue.put_nowait(None)
+
+    def send_bookmarks(self) -> None:
+        """Send a BOOKMARK at the current resourceVersion to watches that asked for them."""
+        for watcher in self._watchers:
+            if watcher.bookmarks:
+                watcher.queue.put_nowait(self._rv)
+
+    def set_forbidden(self, forbidden: bool) -> None:
+        """Answer new requests 403, as when the RBAC grant is missing; open watches stay."""
+        self._forbidden = forbidden
+
+    # ----- storage -------------------------------------------------------------------------
+
+    def _store(self, obj: Obj) -> _Stored:
+        self._rv += 1
+        stored_obj = copy.deepcopy(obj)
+        meta = stored_obj["metadata"]
+        meta["resourceVersion"] = str(self._rv)
+        meta.setdefault("uid", f"uid-{meta['namespace']}-{meta['name']}")
+        meta.setdefault("generation", 1)
+        raw = json.dumps(stored_obj, separators=(",", ":")).encode()
+        stored = _Stored(stored_obj, raw)
+        self._objects[(meta["namespace"], meta["name"])] = stored
+        return stored
+
+    def _append(self, change: _Change) -> None:
+        self._history.append(change)
+        while len(self._history) > self._history_limit:
+            self._compacted_rv = self._history.popleft().rv
+        for watcher in self._watchers:
+            watcher.queue.put_nowait(change)
+
+    # ----- HTTP ----------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        namespace = request.match_info.get("namespace")
+        watching = _parse_bool(request.query.get("watch"))
+        if self._forbidden:
+            return self._forbidden_response("watch" if watching else "list", namespace)
+        try:
+            matches = self._predicate(request, namespace)
+        except SelectorError as exc:
+            return _status_response(status_object(400, "BadRequest", str(exc)))
+        if watching:
+            return await self._watch(request, matches)
+        return self._list(request, namespace, matches)
+
+    def _predicate(self, request: web.Request, namespace: str | None) -> Predicate:
+        labels = parse_label_selector(request.query.get("labelSelector", ""))
+        fields = parse_field_selector(request.query.get("fieldSelector", ""))
+
+        def matches(obj: Obj) -> bool:
+            in_scope = namespace is None or obj["metadata"]["namespace"] == namespace
+            return in_scope and labels(obj) and fields(obj)
+
+        return matches
+
+    def _forbidden_response(self, verb: str, namespace: str | None) -> web.Response:
+        where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        message = (
+            'endpointslices.discovery.k8s.io is forbidden: User "system:serviceaccount:mesh:sds"'
+            f' cannot {verb} resource "endpointslices" in API group "discovery.k8s.io" {where}'
+        )
+        body = status_object(403, "Forbidden", message)
+        body["details"] = {"group": "discovery.k8s.io", "kind": "endpointslices"}
+        return _status_response(body)
+
+    def _list(
+        self, request: web.Request, namespace: str | None, matches: Predicate
+    ) -> web.Response:
+        self.list_requests += 1
+        query = "|".join(
+            (
+                namespace or "",
+                request.query.get("labelSelector", ""),
+                request.query.get("fieldSelector", ""),
+            )
+        )
+        limit = int(request.query.get("limit") or 0)
+        token = request.query.get("continue", "")
+        if token:
+            snapshot_id, offset = _decode_continue(token)
+            snapshot = self._snapshots.get(snapshot_id)
+            if snapshot is None or snapshot.query != query:
+                return _status_response(status_object(400, "BadRequest", "invalid continue token"))
+            if snapshot.rv < self._compacted_rv:
+                self._snapshots.pop(snapshot_id, None)
+                return _status_response(
+                    status_object(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent"
+                        " list result. You can start a new list without the continue parameter.",
+                    )
+                )
+        else:
+            self.lists += 1
+            items = [s for _, s in sorted(self._objects.items()) if matches(s.obj)]
+            snapshot_id, offset = next(self._snapshot_ids), 0
+            snapshot = _ListSnapshot(self._rv, items, query)
+        end = len(snapshot.items) if limit <= 0 else offset + limit
+        page = snapshot.items[offset:end]
+        metadata: Obj = {"resourceVersion": str(snapshot.rv)}
+        if end < len(snapshot.items):
+            metadata["continue"] = _encode_continue(snapshot_id, end)
+            metadata["remainingItemCount"] = len(snapshot.items) - end
+            self._snapshots[snapshot_id] = snapshot
+            while len(self._snapshots) > 64:  # abandoned paginations must not pile up
+                del self._snapshots[next(iter(self._snapshots))]
+        else:
+            self._snapshots.pop(snapshot_id, None)
+        head = json.dumps(
+            {"kind": "EndpointSliceList", "apiVersion": API_VERSION, "metadata": metadata},
+            separators=(",", ":"),
+        ).encode()
+        body = head[:-1] + b',"items":[' + b",".join(s.raw for s in page) + b"]}"
+        return web.Response(body=body, content_type="application/json")
+
+    async def _watch(self, request: web.Request, matches: Predicate) -> web.StreamResponse:
+        self.watches += 1
+        requested = request.query.get("resourceVersion", "")
+        self.watch_resource_versions.append(requested)
+        timeout = float(request.query.get("timeoutSeconds") or 1800)
+        bookmarks = _parse_bool(request.query.get("allowWatchBookmarks"))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        if requested not in ("", "0") and int(requested) < self._compacted_rv:
+            # Real API servers answer 200 and say it in the stream, then end it.
+            await response.prepare(request)
+            error = status_object(410, "Expired", f"too old resource version: {requested}")
+            await response.write(_event_line("ERROR", error))
+            await response.write_eof()
+            return response
+        watcher = _Watcher(matches, bookmarks)
+        # Register and collect the replay without an await in between: nothing is lost.
+        self._watchers.add(watcher)
+        try:
+            if requested in ("", "0"):
+                backlog = [
+                    _event_line("ADDED", s.obj)
+                    for _, s in sorted(self._objects.items())
+                    if matches(s.obj)
+                ]
+            else:
+                since = int(requested)
+                backlog = [
+                    line
+                    for change in self._history
+                    if change.rv > since and (line := self._translate(change, matches))
+                ]
+            await response.prepare(request)
+            for line in backlog:
+                await response.write(line)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        item = await watcher.queue.get()
+                except TimeoutError:
+                    break
+                if item is None:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if isinstance(item, int):
+                    bookmark = {
+                        "kind": "EndpointSlice",
+                        "apiVersion": API_VERSION,
+                        "metadata": {"resourceVersion": str(item)},
+                    }
+                    await response.write(_event_line("BOOKMARK", bookmark))
+                elif line := self._translate(item, matches):
+                    await response.write(line)
+            await response.write_eof()
+            return response
+        finally:
+            self._watchers.discard(watcher)
+
+    @staticmethod
+    def _translate(change: _Change, matches: Predicate) -> bytes:
+        """The event a selective watcher sees: objects moving in or out are ADDED or DELETED."""
+        was = change.old is not None and matches(change.old)
+        now = matches(change.new)
+        if change.type == "DELETED":
+            kind = "DELETED" if was else ""
+        elif was and now:
+            kind = "MODIFIED"
+        elif now:
+            kind = "ADDED"
+        elif was:
+            kind = "DELETED"
+        else:
+            kind = ""
+        return _event_line(kind, change.new) if kind else b""
+
+
+def _event_line(kind: str, obj: Obj) -> bytes:
+    return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+def _status_response(status: Obj) -> web.Response:
+    return web.Response(
+        status=int(status["code"]),
+        body=json.dumps(status).encode(),
+        content_type="application/json",
+    )
+
+
+def _encode_continue(snapshot_id: int, offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([snapshot_id, offset]).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, int]:
+    try:
+        snapshot_id, offset = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error, TypeError):
+        return (0, 0)
+    return int(snapshot_id), int(offset)
+
+
+# ----- a preloaded cluster in its own process ----------------------------------------------
+
+
+def cluster(services: int, endpoints_per_service: int, namespaces: int) -> Iterable[Obj]:
+    """``services`` one-slice services spread over namespaces, each with its own addresses."""
+    addresses = (f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(1))
+    for i in range(services):
+        yield endpoint_slice(
+            f"svc-{i}-abcde",
+            f"ns-{i % namespaces}",
+            f"svc-{i}",
+            addresses=[next(addresses) for _ in range(endpoints_per_service)],
+            zone=f"zone-{i % 3}",
+        )
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = FakeApiServer()
+    for obj in cluster(args.services, args.endpoints_per_service, args.namespaces):
+        server.apply(obj)
+    await server.start()
+    print(json.dumps({"url": server.url, "objects": args.services}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve a preloaded cluster until SIGTERM; prints ``{"url": ...}`` once listening."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--services", type=int, default=10_000)
+    parser.add_argument("--endpoints-per-service", type=int, default=10)
+    parser.add_argument("--namespaces", type=int, default=10)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
