@@ -35,7 +35,7 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+            if key not in _STANDARD_ATTRS and key != "color_message" and not key.startswith("_"):
                 event[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
             event["exception"] = self.formatException(record.exc_info)
@@ -53,3 +53,5 @@ def configure(service: str, level: str = "info") -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # One line per outgoing request (heartbeats) is noise, not events.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))

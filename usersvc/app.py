@@ -22,6 +22,7 @@ from usersvc import passwords
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
+from usersvc.registration import Registration
 from usersvc.store import User, UserStore
 
 log = logging.getLogger("usersvc")
@@ -96,17 +97,35 @@ def create_app(settings: Settings) -> FastAPI:
         return reply(status, ok=True, uuid=user.uuid, fullname=user.fullname)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal identity
         identity = await discover()
         db.start()
+        registration = None
+        if settings.sds_url:
+            registration = Registration(
+                settings.sds_url,
+                service=settings.register_service,
+                address=settings.register_address or identity.resolvedname,
+                port=settings.register_port or settings.port,
+                interval=settings.register_interval,
+                token=settings.sds_token,
+                healthy=lambda: db.connected,
+            )
+            registration.start()
+            app.state.drain = registration.deregister
         await db.wait_connected(timeout=settings.db_timeout)
         log.info("usersvc started", extra={**stamp(), "database": db.connected})
         try:
             yield
         finally:
+            if registration is not None:
+                await registration.close()
             await db.close()
             log.info("usersvc stopped")
+
+    async def no_drain() -> None:
+        return None
 
     app = FastAPI(
         title="usersvc",
@@ -115,6 +134,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         responses=ERRORS,
     )
+    # Called on SIGTERM before the server stops accepting: leave the load balancer first.
+    app.state.drain = no_drain
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,5 +24,18 @@ class Settings(BaseSettings):
         5.0, gt=0, description="seconds to wait for a connection or a query before answering 503"
     )
     max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body accepted")
+    sds_url: str = Field("", description="sds base URL to register with (empty: do not register)")
+    register_service: str = Field("usersvc", description="service name to register under")
+    register_address: str = Field(
+        "", description="address Envoy should reach (default: the pod IP / resolved hostname)"
+    )
+    register_port: int = Field(
+        0, ge=0, le=65535, description="port Envoy should reach, the sidecar's (default: --port)"
+    )
+    register_interval: float = Field(10.0, gt=0, description="seconds between heartbeats")
+    sds_token: SecretStr | None = Field(None, description="bearer token for sds writes")
+    drain_seconds: float = Field(
+        0.0, ge=0, description="on SIGTERM, deregister and keep serving this long before stopping"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(False, description="log one line per request")

@@ -1,0 +1,96 @@
+"""Self-registration with sds: announce this replica, heartbeat, deregister on the way out.
+
+The replica registers only while its database answers, so the edge never learns of a replica
+that cannot serve. A failed heartbeat is retried on the next tick; sds keeps registrations as
+soft state, so after an sds restart the next heartbeat restores this replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import httpx
+from pydantic import SecretStr
+
+log = logging.getLogger("usersvc.registration")
+
+
+class Registration:
+    """Keeps one instance registered with sds until :meth:`deregister`."""
+
+    def __init__(
+        self,
+        sds_url: str,
+        *,
+        service: str,
+        address: str,
+        port: int,
+        interval: float,
+        token: SecretStr | None,
+        healthy: Callable[[], bool],
+    ) -> None:
+        headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        self._client = httpx.AsyncClient(base_url=sds_url, headers=headers, timeout=2.0)
+        self._service = service
+        self._address = address
+        self._port = port
+        self._interval = interval
+        self._healthy = healthy
+        self._registered = False
+        self._attempted = False  # a POST may have landed even if we never saw its answer
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin registering and heartbeating in the background."""
+        self._task = asyncio.create_task(self._heartbeat(), name="sds-registration")
+
+    async def _heartbeat(self) -> None:
+        while True:
+            if self._healthy():
+                await self._register()
+            await asyncio.sleep(self._interval if self._registered else min(self._interval, 0.5))
+
+    async def _register(self) -> None:
+        self._attempted = True
+        try:
+            response = await self._client.post(
+                f"/v1/registration/{self._service}",
+                json={"ip": self._address, "port": self._port},
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("registration failed", extra={"error": str(exc) or type(exc).__name__})
+            return
+        if not self._registered:
+            log.info(
+                "registered with sds",
+                extra={"service": self._service, "address": self._address, "port": self._port},
+            )
+        self._registered = True
+
+    async def deregister(self) -> None:
+        """Stop heartbeating and remove this instance from sds (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._attempted:
+            try:
+                response = await self._client.delete(
+                    f"/v1/registration/{self._service}/{self._address}/{self._port}"
+                )
+                if response.status_code not in (200, 404):
+                    response.raise_for_status()
+                log.info("deregistered from sds", extra={"service": self._service})
+            except httpx.HTTPError as exc:
+                log.warning("deregistration failed", extra={"error": str(exc)})
+            self._registered = self._attempted = False
+
+    async def close(self) -> None:
+        """Deregister and release the HTTP client."""
+        await self.deregister()
+        await self._client.aclose()
