@@ -32,7 +32,14 @@ class EnvoyProxy:
     """An Envoy started with ``config`` (YAML text); its admin API on 127.0.0.1."""
 
     def __init__(
-        self, name: str, config: str, *, admin_port: int, run_dir: Path, log_level: str = "warning"
+        self,
+        name: str,
+        config: str,
+        *,
+        admin_port: int,
+        run_dir: Path,
+        log_level: str = "warning",
+        concurrency: int | None = None,
     ) -> None:
         self.name = name
         self.admin_url = f"http://127.0.0.1:{admin_port}"
@@ -49,6 +56,7 @@ class EnvoyProxy:
                 log_level,
                 # Several Envoys share this machine; without hot restart they share no memory.
                 "--disable-hot-restart",
+                *(["--concurrency", str(concurrency)] if concurrency else []),
             ],
             log_path=run_dir / f"{name}.log",
         )
