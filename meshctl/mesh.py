@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -23,8 +22,6 @@ from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.addresses import ReplicaAddress, loopback_aliases_work, replica_address
 from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres
-
-log = logging.getLogger("meshctl")
 
 # A component that keeps dying is restarted at most this often.
 RESTART_MIN_INTERVAL = 2.0
@@ -362,7 +359,6 @@ class Mesh:
                     proc = component.process()
                     code = proc.returncode if proc else None
                     self.settings.say(f"! {component.name} exited ({code}); restarting it")
-                    log.warning("component died", extra={"component": component.name, "code": code})
                     component.restarts += 1
                     try:
                         await component.start()

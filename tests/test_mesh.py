@@ -1,0 +1,227 @@
+"""The mesh on one machine, end to end: real PostgreSQL, Envoy, sds and usersvc replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from envoymesh.procs import ManagedProcess
+from meshctl.mesh import Mesh, MeshSettings
+from meshctl.postgres import free_port
+
+pytestmark = pytest.mark.slow
+
+PORT_FIELDS = (
+    "edge_port",
+    "edge_admin_port",
+    "control_port",
+    "sds_http_port",
+    "sds_grpc_port",
+    "usersvc_port",
+    "sidecar_port",
+    "admin_base",
+)
+
+
+def free_ports() -> dict[str, int]:
+    return {name: free_port() for name in PORT_FIELDS}
+
+
+@pytest.fixture
+async def start_mesh(tmp_path: Path, postgres_url: str) -> AsyncIterator[Callable[..., Any]]:
+    meshes: list[Mesh] = []
+
+    async def start(replicas: int) -> Mesh:
+        settings = MeshSettings(
+            run_dir=tmp_path / f"mesh{len(meshes)}",
+            replicas=replicas,
+            database_url=postgres_url,
+            drain_seconds=1.0,
+            say=lambda _: None,
+            **free_ports(),
+        )
+        mesh = Mesh(settings)
+        meshes.append(mesh)
+        await mesh.start()
+        return mesh
+
+    yield start
+    for mesh in meshes:
+        await mesh.stop()
+
+
+async def get_alice(client: httpx.AsyncClient) -> str:
+    response = await client.get("/user/alice")
+    assert response.status_code == 200, response.text
+    return str(response.json()["resolvedname"])
+
+
+async def test_edge_round_robins_over_three_replicas(start_mesh: Callable[..., Any]) -> None:
+    mesh: Mesh = await start_mesh(3)
+    async with httpx.AsyncClient(base_url=mesh.edge_url) as client:
+        await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+        seen = Counter([await get_alice(client) for _ in range(12)])
+    assert seen == {r.at.address: 4 for r in mesh.replicas.values()}
+
+
+async def test_added_replica_gets_traffic_within_a_second_of_registering(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(3)
+    async with (
+        httpx.AsyncClient(base_url=mesh.edge_url) as edge,
+        httpx.AsyncClient(base_url=mesh.sds_url) as sds,
+    ):
+        await edge.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+        scaling = asyncio.create_task(mesh.scale(4))
+        async with asyncio.timeout(60):
+            while len((await sds.get("/v1/registration/usersvc")).json()["hosts"]) < 4:
+                await asyncio.sleep(0.01)
+        registered = asyncio.get_running_loop().time()
+        newest = mesh.replicas[max(mesh.replicas)].at.address
+        async with asyncio.timeout(1.0):
+            while await get_alice(edge) != newest:
+                pass
+        assert asyncio.get_running_loop().time() - registered < 1.0
+        await scaling
+
+
+async def test_scaling_down_under_steady_load_fails_no_request(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(3)
+    outcomes: Counter[int] = Counter()
+    done = asyncio.Event()
+
+    async def steady_gets() -> None:
+        async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+            while not done.is_set():
+                try:
+                    outcomes[(await client.get("/user/health")).status_code] += 1
+                except httpx.HTTPError:
+                    outcomes[0] += 1
+
+    workers = [asyncio.create_task(steady_gets()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    await mesh.scale(1)
+    await asyncio.sleep(0.5)
+    done.set()
+    await asyncio.gather(*workers)
+    assert set(outcomes) == {200}, outcomes
+    assert outcomes[200] > 50
+
+
+async def test_killed_replica_is_ejected_after_a_bounded_number_of_failures(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(3)
+    victim = mesh.replicas[2]
+    assert victim.sidecar.proxy is not None
+    assert victim.usersvc.proc is not None
+    victim.sidecar.proxy.process.send_signal(signal.SIGKILL)
+    victim.usersvc.proc.send_signal(signal.SIGKILL)
+    failures = 0
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+        for _ in range(30):
+            if (await client.get("/user/health")).status_code != 200:
+                failures += 1
+        assert failures <= 3
+        hosts = await mesh.edge.proxy.clusters() if mesh.edge.proxy else {}
+        [dead] = [h for h in hosts["usersvc"] if h.address == victim.at.address]
+        assert dead.ejected
+        statuses = [(await client.get("/user/health")).status_code for _ in range(30)]
+    assert statuses == [200] * 30
+
+
+async def test_users_written_through_the_edge_are_readable_on_every_replica(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(3)
+    async with httpx.AsyncClient() as client:
+        put = await client.put(
+            f"{mesh.edge_url}/user/carol", json={"fullname": "Carol", "password": "pw"}
+        )
+        assert put.status_code in (200, 201)
+        for replica in mesh.replicas.values():
+            direct = f"http://{replica.at.address}:{replica.at.usersvc_port}/user/carol"
+            sidecar = f"http://{replica.at.address}:{replica.at.sidecar_port}/user/carol"
+            for url in (direct, sidecar):
+                body = (await client.get(url)).json()
+                assert body["uuid"] == put.json()["uuid"]
+                assert body["resolvedname"] == replica.at.address
+
+
+def meshctl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshctl", *args]
+
+
+def port_args(ports: dict[str, int]) -> list[str]:
+    return [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
+
+
+async def run(argv: list[str], log: Path, timeout: float = 60) -> tuple[int, str]:
+    proc = ManagedProcess(argv[2], argv, log_path=log)
+    await proc.start()
+    code = await proc.wait(timeout=timeout)
+    return code, log.read_text()
+
+
+async def test_meshctl_demo_walks_the_tutorial_and_exits_zero(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    argv = meshctl("demo", f"--run-dir={tmp_path / 'demo'}", *port_args(free_ports()))
+    code, output = await run([*argv, f"--database-url={postgres_url}"], tmp_path / "demo.out", 120)
+    assert code == 0, output
+    assert "each of the 3 replicas answered exactly 4 times" in output
+    assert "All steps held." in output
+
+
+async def test_meshctl_up_scale_status_proxy_status_and_clean_stop(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    ports = free_ports()
+    run_dir = tmp_path / "up"
+    up = ManagedProcess(
+        "meshctl-up",
+        meshctl("up", "--replicas=1", f"--run-dir={run_dir}", *port_args(ports)),
+        log_path=tmp_path / "up.out",
+        env={"DATABASE_URL": postgres_url},
+    )
+    await up.start()
+    try:
+        async with asyncio.timeout(60):
+            while not (run_dir / "mesh.json").exists():
+                assert up.running(), up.tail()
+                await asyncio.sleep(0.1)
+        code, out = await run(
+            meshctl("scale", "usersvc", "2", f"--run-dir={run_dir}"), tmp_path / "s"
+        )
+        assert code == 0, out
+        code, out = await run(meshctl("status", f"--run-dir={run_dir}"), tmp_path / "st")
+        assert code == 0, out
+        assert "usersvc-2" in out
+        assert "stopped" not in out
+        sds = json.loads((run_dir / "mesh.json").read_text())["sds"]
+        code, out = await run(meshctl("proxy-status", f"--sds={sds}"), tmp_path / "p")
+        assert code == 0, out
+        assert "SYNCED" in out
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert await up.wait(timeout=60) == 0, up.tail()
+    assert not (run_dir / "mesh.json").exists()
+    # Every listener is gone: a server could bind each port again (as servers do, with
+    # SO_REUSEADDR, since closed connections may linger in TIME_WAIT).
+    for port in (ports["edge_port"], ports["sds_http_port"], ports["edge_admin_port"]):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
