@@ -1,0 +1,71 @@
+"""usersvc over HTTP: requests/s and p50/p99 for GET and PUT under concurrent load.
+
+Starts a private PostgreSQL and one usersvc process (uvicorn, one worker), then drives it from a
+separate load-generator process. Run: ``.venv/bin/python bench/usersvc.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine, row, run_load
+from envoymesh.procs import ManagedProcess, wait_http
+from meshctl.postgres import LocalPostgres, free_port
+
+
+async def main(duration: float, get_concurrency: int, put_concurrency: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-usersvc-") as tmp:
+        postgres = LocalPostgres(Path(tmp) / "pg")
+        await postgres.start()
+        port = free_port()
+        usersvc = ManagedProcess(
+            "usersvc",
+            [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
+            log_path=Path(tmp) / "usersvc.log",
+            env={"DATABASE_URL": postgres.url, "USERSVC_LOG_LEVEL": "warning"},
+        )
+        await usersvc.start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
+            async with httpx.AsyncClient(base_url=base) as client:
+                await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+            print("usersvc benchmark")
+            print(f"machine: {machine()}")
+            print(
+                f"setup: 1 usersvc process (uvicorn, 1 worker, pool 10) + PostgreSQL "
+                f"{postgres.bindir}; load from a separate process (aiohttp, keep-alive); "
+                f"{duration:.0f} s per run after 1 s warm-up; load generator shares the 2 cores"
+            )
+            get = await run_load(
+                f"{base}/user/alice", concurrency=get_concurrency, duration=duration
+            )
+            print(row(f"GET /user/alice  ({get_concurrency} connections)", get))
+            put = await run_load(
+                base + "/user/bench-{n}",
+                method="PUT",
+                body='{"fullname": "Bench User", "password": "correct horse"}',
+                concurrency=put_concurrency,
+                duration=duration,
+            )
+            print(row(f"PUT /user/<new>  ({put_concurrency} connections, argon2id)", put))
+        finally:
+            await usersvc.stop()
+            await postgres.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--get-concurrency", type=int, default=64)
+    parser.add_argument("--put-concurrency", type=int, default=16)
+    args = parser.parse_args()
+    asyncio.run(main(args.duration, args.get_concurrency, args.put_concurrency))
