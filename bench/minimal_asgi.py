@@ -1,5 +1,5 @@
 """The baseline for bench/sds_v1.py: a bare ASGI app answering fixed bytes, served exactly as
-sds serves its API (uvicorn.Server on asyncio.run, httptools, no access log).
+sds serves its API (uvicorn.Server on the same event loop, httptools, no access log).
 
 Run: ``python bench/minimal_asgi.py PORT BODY_FILE``.
 """
@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from envoymesh.loop import event_loop_factory
 
 
 def main() -> None:
@@ -32,7 +36,8 @@ def main() -> None:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(uvicorn.Server(config).serve())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from envoymesh import cli, logs
+from envoymesh.loop import event_loop_factory
 from sds.config import Settings
 from sds.server import serve
 
@@ -20,7 +21,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv,
     )
     logs.configure("sds", settings.log_level)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve(settings))
 
 
 if __name__ == "__main__":

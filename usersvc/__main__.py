@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from envoymesh import cli, logs
+from envoymesh.loop import event_loop_factory
 from usersvc.app import create_app
 from usersvc.config import Settings
 
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         Settings, "usersvc", "The envoymesh user service (FastAPI on PostgreSQL).", argv
     )
     logs.configure("usersvc", settings.log_level)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import asyncio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-_hasher = PasswordHasher()  # argon2id with the library's RFC 9106 defaults
+# argon2id with OWASP's recommended minimum (19 MiB, 2 passes, 1 lane): a single lane keeps
+# concurrent logins from fighting over a small machine's cores. Older hashes keep verifying
+# and are upgraded on the next successful login (needs_rehash).
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 _dummy_hash: str | None = None
 
 
