@@ -19,6 +19,7 @@ from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres, free_port
 from sds.config import Settings as SdsSettings
 from sds.server import SdsServer
+from tests.fake_apiserver import FakeApiServer
 from usersvc.app import create_app
 from usersvc.config import Settings
 
@@ -36,6 +37,17 @@ async def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     await server.start()
     try:
         yield server.url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def apiserver() -> AsyncIterator[FakeApiServer]:
+    """A fresh test Kubernetes API server (list/watch of EndpointSlices) on a random port."""
+    server = FakeApiServer()
+    await server.start()
+    try:
+        yield server
     finally:
         await server.stop()
 

@@ -49,17 +49,6 @@ def bookmarks_received() -> float:
 
 
 @pytest.fixture
-async def apiserver() -> AsyncIterator[FakeApiServer]:
-    """A fresh fake API server on a random port."""
-    server = FakeApiServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def start_source(apiserver: FakeApiServer) -> AsyncIterator[StartSource]:
     """Run KubernetesSources against ``apiserver``; all cancelled and awaited at teardown."""
     tasks: list[asyncio.Task[None]] = []
