@@ -29,6 +29,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/usersvc.py
+	$(BIN)/python bench/sds_v1.py
+	$(BIN)/python bench/kubernetes_load.py
+	$(BIN)/python bench/xds_convergence.py
+	$(BIN)/python bench/edge.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache run
