@@ -17,8 +17,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, row, run_load
+from envoymesh.ports import free_port, free_port_block
 from meshctl.mesh import Mesh, MeshSettings
-from meshctl.postgres import free_port
 
 
 async def main(duration: float, concurrency: int) -> None:
@@ -31,11 +31,11 @@ async def main(duration: float, concurrency: int) -> None:
                 "control_port",
                 "sds_http_port",
                 "sds_grpc_port",
-                "usersvc_port",
-                "sidecar_port",
-                "admin_base",
             )
         }
+        ports.update(
+            {name: free_port_block(10) for name in ("usersvc_port", "sidecar_port", "admin_base")}
+        )
         mesh = Mesh(MeshSettings(run_dir=Path(tmp), replicas=3, say=lambda _: None, **ports))
         await mesh.start()
         try:

@@ -19,8 +19,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, row, run_load
+from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess, wait_http
-from meshctl.postgres import free_port
 
 HERE = Path(__file__).resolve().parent
 

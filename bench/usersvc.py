@@ -17,8 +17,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, row, run_load
+from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess, wait_http
-from meshctl.postgres import LocalPostgres, free_port
+from meshctl.postgres import LocalPostgres
 
 
 async def main(duration: float, get_concurrency: int, put_concurrency: int) -> None:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine
 from envoymesh.envoyconf import render
+from envoymesh.ports import free_port
 from meshctl.envoy import EnvoyProxy
-from meshctl.postgres import free_port
 from sds.config import Settings
 from sds.model import Endpoint, Source
 from sds.server import SdsServer

@@ -13,13 +13,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import asyncpg
 
+from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess
 
 
@@ -42,13 +42,6 @@ def find_bindir() -> Path:
         "no PostgreSQL binaries found: install PostgreSQL or `pip install pgserver`"
         " (the `local` extra)"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalPostgres:

@@ -14,9 +14,10 @@ import httpx
 import pytest
 import yaml
 
+from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.envoy import EnvoyProxy
-from meshctl.postgres import LocalPostgres, free_port
+from meshctl.postgres import LocalPostgres
 from sds.config import Settings as SdsSettings
 from sds.server import SdsServer
 from tests.fake_apiserver import FakeApiServer

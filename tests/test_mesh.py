@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from envoymesh.ports import free_port, free_port_block
 from envoymesh.procs import ManagedProcess
 from meshctl.mesh import Mesh, MeshSettings
-from meshctl.postgres import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,9 @@ PORT_FIELDS = (
 
 
 def free_ports() -> dict[str, int]:
-    return {name: free_port() for name in PORT_FIELDS}
+    """Free ports for one mesh; per-replica ports get room for 20 replicas each."""
+    blocks = ("usersvc_port", "sidecar_port", "admin_base")
+    return {name: free_port_block(21) if name in blocks else free_port() for name in PORT_FIELDS}
 
 
 @pytest.fixture

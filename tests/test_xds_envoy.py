@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from envoymesh.envoyconf import render
+from envoymesh.ports import free_port
 from meshctl.envoy import EnvoyProxy, HostStatus
-from meshctl.postgres import free_port
 from sds.model import Endpoint, Health, Source
 from tests.conftest import RunningSds
 
