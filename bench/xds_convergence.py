@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -100,84 +102,80 @@ async def converge(
     return delivered, acked
 
 
+@contextlib.asynccontextmanager
+async def running_sds(debounce: float) -> AsyncIterator[SdsServer]:
+    """An sds in this process on free loopback ports, with usersvc at generation 0."""
+    settings = Settings(
+        http_host="127.0.0.1",
+        http_port=free_port(),
+        grpc_host="127.0.0.1",
+        grpc_port=free_port(),
+        xds_debounce=debounce,
+        log_level="warning",
+    )
+    server = SdsServer(settings)
+    server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop))
+    try:
+        yield server
+    finally:
+        stop.set()
+        await task
+
+
 async def one_envoy(
     variant: str, changes: int, debounce: float, run_dir: Path
 ) -> tuple[list[float], list[float]]:
-    settings = Settings(
-        http_host="127.0.0.1",
-        http_port=free_port(),
-        grpc_host="127.0.0.1",
-        grpc_port=free_port(),
-        xds_debounce=debounce,
-        log_level="warning",
-    )
-    server = SdsServer(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    admin = free_port()
-    values: dict[str, object] = {
-        "NODE_ID": f"bench-{variant}",
-        "LISTEN_ADDRESS": "127.0.0.1",
-        "LISTEN_PORT": free_port(),
-        "ADMIN_PORT": admin,
-        "SERVICE_NAME": "usersvc",
-        "SDS_ADDRESS": "127.0.0.1",
-        "SDS_GRPC_PORT": settings.grpc_port,
-        "SDS_HTTP_PORT": settings.http_port,
-        "ADS_API_TYPE": "GRPC",
-        "REFRESH_DELAY": "1s",
-    }
-    config = render("edge-eds-rest" if variant == "rest" else "edge-eds", values)
-    envoy = EnvoyProxy(f"bench-{variant}", config, admin_port=admin, run_dir=run_dir)
-    try:
-        server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(0))
-        await envoy.start()
-        cache = ResourceCache(server.registry)
-        return await converge(server, f"bench-{variant}", changes, cache)
-    finally:
-        await envoy.stop()
-        stop.set()
-        await task
+    async with running_sds(debounce) as server:
+        admin = free_port()
+        values: dict[str, object] = {
+            "NODE_ID": f"bench-{variant}",
+            "LISTEN_ADDRESS": "127.0.0.1",
+            "LISTEN_PORT": free_port(),
+            "ADMIN_PORT": admin,
+            "SERVICE_NAME": "usersvc",
+            "SDS_ADDRESS": "127.0.0.1",
+            "SDS_GRPC_PORT": server.settings.grpc_port,
+            "SDS_HTTP_PORT": server.settings.http_port,
+            "ADS_API_TYPE": "GRPC",
+            "REFRESH_DELAY": "1s",
+        }
+        config = render("edge-eds-rest" if variant == "rest" else "edge-eds", values)
+        envoy = EnvoyProxy(f"bench-{variant}", config, admin_port=admin, run_dir=run_dir)
+        try:
+            await envoy.start()
+            cache = ResourceCache(server.registry)
+            return await converge(server, f"bench-{variant}", changes, cache)
+        finally:
+            await envoy.stop()
 
 
 async def fan_out(streams: int, debounce: float) -> float:
-    settings = Settings(
-        http_host="127.0.0.1",
-        http_port=free_port(),
-        grpc_host="127.0.0.1",
-        grpc_port=free_port(),
-        xds_debounce=debounce,
-        log_level="warning",
-    )
-    server = SdsServer(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop))
-    server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(0))
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HERE / "xds_fanout_client.py"),
-        f"127.0.0.1:{settings.grpc_port}",
-        str(streams),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert client.stdout is not None
-        async with asyncio.timeout(120):
-            await client.stdout.readline()
-            while sum(p.state == "SYNCED" for p in server.proxies.all()) < streams:
-                await asyncio.sleep(0.01)
-        started = time.perf_counter()
-        server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(1))
-        target = combined_version([ResourceCache(server.registry).get("usersvc")])
-        async with asyncio.timeout(60):
-            while sum(p.last_version_acked == target for p in server.proxies.all()) < streams:
-                await asyncio.sleep(0.001)
-        return time.perf_counter() - started
-    finally:
-        client.kill()
-        await client.wait()
-        stop.set()
-        await task
+    async with running_sds(debounce) as server:
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / "xds_fanout_client.py"),
+            f"127.0.0.1:{server.settings.grpc_port}",
+            str(streams),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert client.stdout is not None
+            async with asyncio.timeout(120):
+                await client.stdout.readline()
+                while sum(p.state == "SYNCED" for p in server.proxies.all()) < streams:
+                    await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(1))
+            target = combined_version([ResourceCache(server.registry).get("usersvc")])
+            async with asyncio.timeout(60):
+                while sum(p.last_version_acked == target for p in server.proxies.all()) < streams:
+                    await asyncio.sleep(0.001)
+            return time.perf_counter() - started
+        finally:
+            client.kill()
+            await client.wait()
 
 
 async def main(changes: int, streams: int, debounce: float) -> int:

@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, TypeVar, get_origin
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 S = TypeVar("S", bound=BaseSettings)
@@ -59,6 +60,14 @@ def build_parser(model: type[BaseSettings], prog: str, description: str) -> argp
 
 def parse(model: type[S], prog: str, description: str, argv: Sequence[str] | None = None) -> S:
     """Settings from the environment, overridden by the flags given in ``argv``."""
-    args = build_parser(model, prog, description).parse_args(argv)
+    parser = build_parser(model, prog, description)
+    args = parser.parse_args(argv)
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
-    return model(**given)
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        parser.error(problems)
