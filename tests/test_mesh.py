@@ -227,3 +227,24 @@ async def test_meshctl_up_scale_status_proxy_status_and_clean_stop(
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
+
+
+async def test_supervisor_restarts_a_component_that_dies(start_mesh: Callable[..., Any]) -> None:
+    mesh: Mesh = await start_mesh(1)
+    stop = asyncio.Event()
+    supervisor = asyncio.create_task(mesh.supervise(stop))
+    try:
+        replica = mesh.replicas[1]
+        assert replica.usersvc.proc is not None
+        replica.usersvc.proc.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while not (replica.usersvc.restarts == 1 and replica.usersvc.running()):
+                await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=mesh.edge_url) as client, asyncio.timeout(30):
+            while (await client.get("/user/health")).status_code != 200:
+                await asyncio.sleep(0.1)
+        [row] = [r for r in mesh.status() if r.component == "usersvc-1"]
+        assert (row.state, row.restarts) == ("running", 1)
+    finally:
+        stop.set()
+        await supervisor
