@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sds.model import Endpoint, ServiceSnapshot, Source
-
-# How many recent per-service changes are remembered for changed_since(); a waiter further
-# behind than this is told to re-read everything.
-CHANGE_LOG_SIZE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +37,6 @@ class Registry:
         self._aliases: dict[str, set[str]] = {}
         self._snapshots: dict[str, ServiceSnapshot] = {}
         self._revision = 0
-        self._log: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG_SIZE)
         self._changed = asyncio.Event()
         self._statuses: dict[str, SourceStatus] = {}
         self._pending_notify = False
@@ -88,25 +82,6 @@ class Registry:
         if name in self._versions:
             self._snapshots[name] = snap
         return snap
-
-    def changed_since(self, revision: int) -> set[str] | None:
-        """Services changed after ``revision``; None when that is too far back to know."""
-        if revision >= self._revision:
-            return set()
-        if not self._log or self._log[0][0] > revision + 1:
-            return None
-        changed: set[str] = set()
-        for rev, name in reversed(self._log):
-            if rev <= revision:
-                break
-            changed.add(name)
-        return changed
-
-    def endpoints_of(self, source: Source) -> Iterator[tuple[str, Endpoint]]:
-        """Every (service, endpoint) a source has registered."""
-        for name, per_source in list(self._endpoints.items()):
-            for endpoint in list(per_source.get(source, {}).values()):
-                yield name, endpoint
 
     def counts(self) -> tuple[int, int]:
         """(services with endpoints, endpoints) right now."""
@@ -202,7 +177,6 @@ class Registry:
         self._revision += 1
         self._versions[name] = self._revision
         self._snapshots.pop(name, None)
-        self._log.append((self._revision, name))
         self._pending_notify = True
 
     def _notify(self) -> None:
