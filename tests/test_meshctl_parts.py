@@ -1,0 +1,107 @@
+"""meshctl's smaller parts: replica addresses, config rendering, the proxy-status table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from envoymesh.envoyconf import TemplateError, placeholders, render
+from meshctl.addresses import replica_address
+from meshctl.proxy_status import format_proxies
+
+
+def test_replicas_get_their_own_loopback_address_when_the_os_has_them() -> None:
+    at = replica_address(2, aliases=True, usersvc_port=5000, sidecar_port=10000, admin_base=9900)
+    assert (at.name, at.address, at.usersvc_port, at.sidecar_port, at.admin_port) == (
+        "usersvc-2",
+        "127.0.0.3",
+        5000,
+        10000,
+        9902,
+    )
+
+
+def test_replicas_fall_back_to_distinct_ports_on_127_0_0_1() -> None:
+    ports = {
+        (at.address, at.usersvc_port, at.sidecar_port)
+        for at in (
+            replica_address(
+                i, aliases=False, usersvc_port=5000, sidecar_port=10000, admin_base=9900
+            )
+            for i in range(1, 4)
+        )
+    }
+    assert ports == {
+        ("127.0.0.1", 5001, 10001),
+        ("127.0.0.1", 5002, 10002),
+        ("127.0.0.1", 5003, 10003),
+    }
+
+
+def test_rendering_without_every_value_names_the_missing_ones() -> None:
+    with pytest.raises(TemplateError, match="APP_PORT"):
+        render("sidecar", {name: "x" for name in placeholders("sidecar") - {"APP_PORT"}})
+
+
+def test_unknown_template_is_refused() -> None:
+    with pytest.raises(TemplateError, match="unknown Envoy template"):
+        render("edge-v1", {})
+
+
+def test_render_envoy_command_prints_the_config() -> None:
+    values = {name: "1" for name in placeholders("sidecar")}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshctl", "render-envoy", "sidecar"]
+        + [f"{k}={v}" for k, v in values.items()],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "local_usersvc" in result.stdout
+    assert "${" not in result.stdout
+
+
+def test_render_envoy_command_reports_missing_values() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshctl", "render-envoy", "sidecar", "NODE_ID=x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no value for" in result.stderr
+
+
+def test_proxy_status_table_shows_each_state() -> None:
+    base = {
+        "cluster": "edge",
+        "transport": "sotw",
+        "subscribed": ["usersvc"],
+        "last_version_sent": "abc",
+        "last_nack": "",
+        "connected_since": 0.0,
+    }
+    table = format_proxies(
+        [
+            {**base, "node_id": "a", "state": "SYNCED", "last_version_acked": "abc"},
+            {**base, "node_id": "b", "state": "STALE", "last_version_acked": "old"},
+            {
+                **base,
+                "node_id": "c",
+                "state": "NACKED",
+                "last_version_acked": "old",
+                "last_nack": "bad endpoint",
+            },
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["NAME", "CLUSTER", "TRANSPORT", "RESOURCES", "STATE"]
+    assert [line.split()[4] for line in lines[1:]] == ["SYNCED", "STALE", "NACKED"]
+    assert "bad endpoint" in lines[3]
+
+
+def test_proxy_status_with_no_proxies_says_so() -> None:
+    assert format_proxies([]) == "no proxies connected"
