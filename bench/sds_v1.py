@@ -56,6 +56,8 @@ async def main(duration: float, concurrency: int) -> int:
                 str(free_port()),
                 "--log-level",
                 "warning",
+                "--registration-warmup",
+                "0",
             ],
             log_path=Path(tmp) / "sds.log",
         )

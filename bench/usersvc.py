@@ -61,6 +61,7 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
         finally:
             await usersvc.stop()
             await postgres.stop()
+            postgres.discard()
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class Replica:
             "USERSVC_PORT": str(at.usersvc_port),
             "USERSVC_SDS_URL": mesh.sds_url,
             "USERSVC_REGISTER_PORT": str(at.sidecar_port),
-            "USERSVC_REGISTER_INTERVAL": str(max(settings.host_ttl / 3, 0.5)),
+            "USERSVC_REGISTER_INTERVAL": str(mesh.heartbeat_interval),
             "USERSVC_DRAIN_SECONDS": str(settings.drain_seconds),
         }
         self.usersvc = _Process(
@@ -201,6 +201,7 @@ class Mesh:
         self.sds_url = f"http://127.0.0.1:{settings.sds_http_port}"
         self.edge_url = f"http://127.0.0.1:{settings.edge_port}"
         self.replicas: dict[int, Replica] = {}
+        self.heartbeat_interval = max(settings.host_ttl / 3, 0.5)
         self._lock = asyncio.Lock()
         logs = self.run_dir / "logs"
         self.sds = _Process(
@@ -224,6 +225,10 @@ class Mesh:
                     str(settings.sds_grpc_port),
                     "--host-ttl",
                     str(settings.host_ttl),
+                    # After an sds restart, hold back empty answers until every replica has
+                    # had the chance to heartbeat again.
+                    "--registration-warmup",
+                    str(self.heartbeat_interval + 1),
                 ],
                 log_path=logs / "sds.log",
             ),
@@ -279,12 +284,14 @@ class Mesh:
             self.database_url = self.postgres.url
         say("  starting sds ...")
         await self.sds.start()
-        await wait_http(f"{self.sds_url}/readyz", timeout=30, process=self.sds.proc)
+        await wait_http(f"{self.sds_url}/healthcheck", timeout=30, process=self.sds.proc)
+        # Replicas first: the edge then finds them registered and is ready at once.
+        await self.scale(self.settings.replicas, wait_edge=False)
         say("  starting the edge Envoy ...")
         await self.edge.start()
-        await self.scale(self.settings.replicas)
+        await self.wait_edge_hosts(len(self.replicas))
 
-    async def scale(self, count: int) -> None:
+    async def scale(self, count: int, *, wait_edge: bool = True) -> None:
         """Add or remove replicas; removed ones leave sds and drain before they stop."""
         if count < 0:
             raise ValueError("replicas must be zero or more")
@@ -301,7 +308,8 @@ class Mesh:
             await asyncio.gather(
                 *(self.replicas.pop(i).stop(self.settings.drain_seconds) for i in doomed)
             )
-        await self.wait_edge_hosts(count)
+        if wait_edge:
+            await self.wait_edge_hosts(count)
 
     async def wait_edge_hosts(self, count: int, timeout: float = 30.0) -> None:
         """Until the edge routes to exactly the current replicas."""
@@ -330,6 +338,7 @@ class Mesh:
                     await proc.stop()
             if self.postgres is not None:
                 await self.postgres.stop()
+                self.postgres.discard()
 
     # ----- supervision ---------------------------------------------------------------------
 

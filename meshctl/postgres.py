@@ -14,6 +14,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +45,19 @@ def find_bindir() -> Path:
     )
 
 
+def _reachable_by_others(path: Path) -> bool:
+    """True when every existing ancestor of ``path`` lets other users pass through."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
+
+
 class LocalPostgres:
-    """One PostgreSQL server whose data lives in ``directory``; trust auth on loopback only."""
+    """One PostgreSQL server whose data lives in ``directory``; trust auth on loopback only.
+
+    As root, the server runs as ``nobody``, which must be able to reach the data. When
+    ``directory`` lies below a directory closed to other users (a 0700 home or temporary
+    directory), the data goes to a private temporary directory instead, which
+    :meth:`discard` removes: no existing directory's permissions are changed.
+    """
 
     def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None):
         self.directory = directory
@@ -54,6 +66,10 @@ class LocalPostgres:
         self.bindir = find_bindir()
         self._proc: ManagedProcess | None = None
         self._user = "nobody" if os.geteuid() == 0 else None
+        self._scratch: Path | None = None
+        if self._user is not None and not _reachable_by_others(directory):
+            self._scratch = Path(tempfile.mkdtemp(prefix="envoymesh-pg-"))
+            self._scratch.chmod(0o711)
 
     @property
     def url(self) -> str:
@@ -62,7 +78,7 @@ class LocalPostgres:
 
     @property
     def data_dir(self) -> Path:
-        return self.directory / "data"
+        return (self._scratch or self.directory) / "data"
 
     @property
     def pid(self) -> int | None:
@@ -77,18 +93,8 @@ class LocalPostgres:
             entry = pwd.getpwnam(self._user)
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
-    def _allow_traverse(self) -> None:
-        # The unprivileged server user must be able to walk down to its data directory
-        # (temporary directories are often 0700): grant search (x) only, never read.
-        for path in [self.directory, *self.directory.parents]:
-            mode = path.stat().st_mode
-            if not mode & 0o001:
-                path.chmod(mode | 0o011)
-
     def _initdb(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._user is not None:
-            self._allow_traverse()
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.data_dir)
         result = subprocess.run(
@@ -153,6 +159,11 @@ class LocalPostgres:
                 continue
             await conn.close()
             return
+
+    def discard(self) -> None:
+        """Delete the private temporary data directory, if one was needed (after stop)."""
+        if self._scratch is not None and not self.running():
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT): roll back open transactions, flush, exit."""

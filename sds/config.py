@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     )
     kubeconfig: str = Field("", description="kubeconfig file (default: in-cluster, then ~/.kube)")
     host_ttl: float = Field(600.0, gt=0, description="seconds a registered host lives unrefreshed")
+    registration_warmup: float = Field(
+        15.0,
+        ge=0,
+        description="after start, seconds to wait for heartbeats before empty answers are given",
+    )
     write_token: SecretStr | None = Field(
         None, description="when set, writes need `Authorization: Bearer <token>`"
     )

@@ -45,11 +45,16 @@ class Registry:
 
     @property
     def revision(self) -> int:
-        """Increases with every real change of any service."""
+        """Increases with every real change of any service, and when readiness changes."""
         return self._revision
 
+    @property
+    def ready(self) -> bool:
+        """True once every source finished its initial sync (and there is a source)."""
+        return bool(self._statuses) and all(s.ready for s in self._statuses.values())
+
     def services(self) -> list[str]:
-        """Canonical names of every service that has, or once had, endpoints."""
+        """Canonical names of every service that has endpoints."""
         return sorted(self._versions)
 
     def resolve(self, name: str) -> str:
@@ -107,8 +112,17 @@ class Registry:
     # ----- source status -------------------------------------------------------------------
 
     def set_source_status(self, source: str, *, ready: bool, reason: str = "") -> None:
-        """Record whether a source finished its initial sync, and why not."""
+        """Record whether a source finished its initial sync, and why not.
+
+        Surfaces hold back empty answers until every source is ready, so a change of
+        readiness wakes the waiters like a change of endpoints does.
+        """
+        was_ready = self.ready
         self._statuses[source] = SourceStatus(ready=ready, reason=reason)
+        if self.ready != was_ready:
+            self._revision += 1
+            self._pending_notify = True
+            self._notify()
 
     def source_statuses(self) -> Mapping[str, SourceStatus]:
         """Every source's last reported status."""
@@ -162,22 +176,35 @@ class Registry:
 
     def _replace(self, source: Source, name: str, endpoints: Iterable[Endpoint]) -> bool:
         new = {e.key: e for e in endpoints}
-        per_source = self._endpoints.setdefault(name, {})
+        per_source = self._endpoints.get(name, {})
         old = per_source.get(source, {})
-        per_source[source] = new
-        self._snapshots.pop(name, None)
         if old == new:
+            if new:
+                per_source[source] = new  # fresh last_check_in values, same routing
+                self._snapshots.pop(name, None)
             return False
+        self._endpoints.setdefault(name, {})[source] = new
         self._bump(name)
         return True
 
     def _bump(self, name: str) -> None:
-        if name not in self._versions and "." in name:
-            self._aliases.setdefault(name.split(".", 1)[0], set()).add(name)
         self._revision += 1
-        self._versions[name] = self._revision
         self._snapshots.pop(name, None)
         self._pending_notify = True
+        if any(self._endpoints.get(name, {}).values()):
+            if name not in self._versions and "." in name:
+                self._aliases.setdefault(name.split(".", 1)[0], set()).add(name)
+            self._versions[name] = self._revision
+            return
+        # A service with no endpoints left is forgotten, so churn of names cannot grow the
+        # registry; to every surface it is now an unknown, empty service.
+        self._endpoints.pop(name, None)
+        self._versions.pop(name, None)
+        if "." in name:
+            short = name.split(".", 1)[0]
+            self._aliases.get(short, set()).discard(name)
+            if not self._aliases.get(short):
+                self._aliases.pop(short, None)
 
     def _notify(self) -> None:
         if self._pending_notify:

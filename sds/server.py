@@ -53,7 +53,9 @@ class SdsServer:
             xds_rest_router(resources, self.proxies),
         ]
         if Source.REGISTRATION.value in settings.source:
-            registration = RegistrationSource(self.registry, host_ttl=settings.host_ttl)
+            registration = RegistrationSource(
+                self.registry, host_ttl=settings.host_ttl, warmup=settings.registration_warmup
+            )
             routers.append(registration_router(registration, settings.write_token))
             self._jobs["registration"] = registration.run()
         if Source.KUBERNETES.value in settings.source:

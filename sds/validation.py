@@ -80,7 +80,7 @@ def tags(value: object) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise bad_request("Invalid json supplied in tags") from None
     if not isinstance(value, dict):
         raise bad_request("tags must be a JSON object")

@@ -40,6 +40,7 @@ async def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         yield server.url
     finally:
         await server.stop()
+        server.discard()
 
 
 @pytest.fixture
@@ -62,6 +63,7 @@ async def private_postgres(tmp_path: Path) -> AsyncIterator[LocalPostgres]:
         yield server
     finally:
         await server.stop()
+        server.discard()
 
 
 @pytest.fixture
@@ -175,6 +177,7 @@ async def start_sds() -> AsyncIterator[Callable[..., Any]]:
             "http_port": free_port(),
             "grpc_host": "127.0.0.1",
             "grpc_port": free_port(),
+            "registration_warmup": 0.0,
             **overrides,
         }
         sds = RunningSds(SdsSettings(**values))

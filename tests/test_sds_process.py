@@ -22,7 +22,7 @@ async def test_sds_serves_then_stops_cleanly_on_sigterm(run_dir: Path) -> None:
         env={"SDS_HTTP_PORT": str(http), "SDS_GRPC_PORT": str(grpc), "SDS_WRITE_TOKEN": "t0k3n"},
     )
     await proc.start()
-    await wait_http(f"http://127.0.0.1:{http}/readyz", timeout=20, process=proc)
+    await wait_http(f"http://127.0.0.1:{http}/healthcheck", timeout=20, process=proc)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
         denied = await client.post("/v1/registration/usersvc", json={"ip": "10.0.0.1", "port": 80})
         assert denied.status_code == 401

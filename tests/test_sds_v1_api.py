@@ -379,3 +379,40 @@ async def test_unknown_route_and_method_are_json_errors(client: httpx.AsyncClien
     wrong = await client.put("/v1/registration/usersvc")
     assert wrong.status_code == 405
     assert wrong.json()["error"]
+
+
+async def test_etag_means_the_same_hosts_on_any_sds(start_sds: Callable[..., Any]) -> None:
+    first: RunningSds = await start_sds()
+    second: RunningSds = await start_sds()
+    async with httpx.AsyncClient() as client:
+        for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            await client.post(f"{first.url}/v1/registration/usersvc", data=lyft_form(ip))
+        for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.4"):
+            await client.post(f"{second.url}/v1/registration/usersvc", data=lyft_form(ip))
+        etag = (await client.get(f"{first.url}/v1/registration/usersvc")).headers["etag"]
+        other = await client.get(
+            f"{second.url}/v1/registration/usersvc", headers={"if-none-match": etag}
+        )
+        assert other.status_code == 200
+        await client.delete(f"{second.url}/v1/registration/usersvc/10.0.0.4")
+        await client.post(f"{second.url}/v1/registration/usersvc", data=lyft_form("10.0.0.3"))
+        same = await client.get(
+            f"{second.url}/v1/registration/usersvc", headers={"if-none-match": etag}
+        )
+        assert same.status_code == 304
+
+
+@pytest.mark.parametrize("field", ["body", "tags"])
+async def test_deeply_nested_json_is_400(client: httpx.AsyncClient, field: str) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    if field == "body":
+        response = await client.post(
+            "/v1/registration/usersvc",
+            content=deep.encode(),
+            headers={"content-type": "application/json"},
+        )
+    else:
+        response = await client.post(
+            "/v1/registration/usersvc", data={"ip": "10.0.0.1", "port": "80", "tags": deep}
+        )
+    assert response.status_code == 400

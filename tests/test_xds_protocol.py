@@ -413,3 +413,66 @@ async def test_rest_bad_request_is_400_with_message(fast_sds: RunningSds, body: 
         )
     assert response.status_code == 400
     assert response.json()["error"]
+
+
+async def test_sotw_empty_resource_list_after_subscribing_means_nothing(
+    fast_sds: RunningSds, open_client: Callable[..., XdsClient]
+) -> None:
+    put(fast_sds, "a", "10.0.0.1:80")
+    put(fast_sds, "b", "10.0.0.2:80")
+    client = open_client()
+    client.send(resource_names=["a"])
+    first = await client.receive()
+    client.ack(first, resource_names=[])
+    second = await client.receive()
+    assert list(second.resources) == []
+    client.ack(second, resource_names=[])
+    put(fast_sds, "b", "10.0.0.3:80")
+    await client.expect_silence()
+
+
+async def test_star_subscribes_to_every_service(
+    fast_sds: RunningSds, open_client: Callable[..., XdsClient]
+) -> None:
+    put(fast_sds, "a", "10.0.0.1:80")
+    put(fast_sds, "b", "10.0.0.2:80")
+    client = open_client()
+    client.send(resource_names=["*"])
+    assert set(assignments(await client.receive())) == {"a", "b"}
+
+
+async def test_empty_answers_wait_for_the_registration_warmup(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=1.0, xds_debounce=0.0)
+    put(sds, "known", "10.0.0.1:80")
+    client = XdsClient(sds.grpc_target)
+    try:
+        client.send(resource_names=["known", "ghost"])
+        early = await client.receive()
+        assert set(assignments(early)) == {"known"}
+        client.ack(early, resource_names=["known", "ghost"])
+        later = await client.receive(timeout=5)
+        assert set(assignments(later)) == {"known", "ghost"}
+        assert list(assignments(later)["ghost"].endpoints) == []
+    finally:
+        await client.close()
+
+
+async def test_rest_and_v1_say_503_for_unlearned_services_during_warmup(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=30.0)
+    async with httpx.AsyncClient(base_url=sds.url) as http:
+        rest = await http.post(
+            "/v3/discovery:endpoints", json={"resource_names": ["ghost"], "type_url": EDS_TYPE_URL}
+        )
+        v1 = await http.get("/v1/registration/ghost")
+        ready = await http.get("/readyz")
+        await http.post("/v1/registration/known", json={"ip": "10.0.0.1", "port": 80})
+        known = await http.get("/v1/registration/known")
+    assert rest.status_code == v1.status_code == 503
+    assert "synced" in v1.json()["error"]
+    assert ready.status_code == 503
+    assert "warming up" in ready.json()["sources"]["registration"]["reason"]
+    assert len(known.json()["hosts"]) == 1

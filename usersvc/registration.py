@@ -40,7 +40,7 @@ class Registration:
         self._interval = interval
         self._healthy = healthy
         self._registered = False
-        self._attempted = False  # a POST may have landed even if we never saw its answer
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -48,13 +48,14 @@ class Registration:
         self._task = asyncio.create_task(self._heartbeat(), name="sds-registration")
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stop.is_set():
             if self._healthy():
                 await self._register()
-            await asyncio.sleep(self._interval if self._registered else min(self._interval, 0.5))
+            delay = self._interval if self._registered else min(self._interval, 0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _register(self) -> None:
-        self._attempted = True
         try:
             response = await self._client.post(
                 f"/v1/registration/{self._service}",
@@ -72,13 +73,20 @@ class Registration:
         self._registered = True
 
     async def deregister(self) -> None:
-        """Stop heartbeating and remove this instance from sds (best effort)."""
+        """Stop heartbeating and remove this instance from sds (best effort).
+
+        A heartbeat already on its way is let finish first: cancelled, it could still reach
+        sds after our DELETE and leave a stopped replica registered until its TTL runs out.
+        """
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
-        if self._attempted:
             try:
                 response = await self._client.delete(
                     f"/v1/registration/{self._service}/{self._address}/{self._port}"
@@ -88,7 +96,7 @@ class Registration:
                 log.info("deregistered from sds", extra={"service": self._service})
             except httpx.HTTPError as exc:
                 log.warning("deregistration failed", extra={"error": str(exc)})
-            self._registered = self._attempted = False
+            self._registered = False
 
     async def close(self) -> None:
         """Deregister and release the HTTP client."""

@@ -25,7 +25,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
     if content_type == "application/json":
         try:
             data = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSON and UTF-8 decode errors are ValueErrors
             raise bad_request("request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise bad_request("request body must be a JSON object")

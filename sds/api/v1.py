@@ -6,6 +6,7 @@ pollers get a 304 when nothing changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from sds import validation
+from sds.errors import ApiError
 from sds.model import Endpoint, ServiceSnapshot
 from sds.registry import Registry
 
@@ -63,15 +65,15 @@ class V1Api:
         cached = self._cache.get(name)
         if cached is not None and cached[0] is snap:
             return cached[1], cached[2]
+        hosts = [host_json(snap.name, e) for e in snap.healthy]
         body = json.dumps(
-            {
-                "service": name,
-                "env": self._env,
-                "hosts": [host_json(snap.name, e) for e in snap.healthy],
-            },
-            separators=(",", ":"),
+            {"service": name, "env": self._env, "hosts": hosts}, separators=(",", ":")
         ).encode()
-        etag = f'W/"{snap.name}@{snap.version}"'
+        # Weak: identifies what a proxy routes on, so heartbeats (last_check_in) keep it, and a
+        # content hash, so it means the same on every sds replica and after a restart.
+        routed = [{k: v for k, v in h.items() if k != "last_check_in"} for h in hosts]
+        digest = hashlib.sha256(json.dumps([name, routed], sort_keys=True).encode())
+        etag = f'W/"{digest.hexdigest()[:20]}"'
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[name] = (snap, body, etag)
@@ -101,6 +103,10 @@ class V1Api:
         )
         async def registration(service: str, request: Request) -> Response:
             validation.service_name(service, qualified=True)
+            snap = self._registry.snapshot(self._registry.resolve(service))
+            if not snap.healthy and not self._registry.ready:
+                # Not learned yet is not "no hosts": v1 clients keep their hosts on a non-200.
+                raise ApiError(503, "sds has not synced its sources yet; keep your hosts and retry")
             body, etag = self._render(service)
             if etag_matches(request.headers.get("if-none-match"), etag):
                 return Response(status_code=304, headers={"etag": etag})

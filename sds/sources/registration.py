@@ -35,7 +35,8 @@ class Host:
     revision: str = ""
     service_repo_name: str = ""
     tags: dict[str, Any] = field(default_factory=dict)
-    last_check_in: float = 0.0
+    last_check_in: float = 0.0  # wall clock, for display
+    seen: float = 0.0  # monotonic clock, for expiry: immune to clock steps
 
     def endpoint(self) -> Endpoint:
         """The registry's view of this host."""
@@ -58,24 +59,43 @@ class RegistrationSource:
     """Accepts registrations, heartbeats and removals; expires silent hosts."""
 
     def __init__(
-        self, registry: Registry, *, host_ttl: float, sweep_interval: float | None = None
+        self,
+        registry: Registry,
+        *,
+        host_ttl: float,
+        warmup: float = 0.0,
+        sweep_interval: float | None = None,
     ) -> None:
         self._registry = registry
         self._ttl = host_ttl
+        self._warmup = warmup
         self._sweep_interval = sweep_interval or min(max(host_ttl / 10, 0.05), 30.0)
         self._hosts: dict[tuple[str, str, int], Host] = {}
 
     async def run(self) -> None:
-        """Expire hosts whose last check-in is older than the TTL, until cancelled."""
-        self._registry.set_source_status(Source.REGISTRATION.value, ready=True)
+        """Warm up, then expire hosts whose last check-in is older than the TTL, until cancelled.
+
+        Registrations are soft state: after a restart they return with each host's next
+        heartbeat. Until the warm-up has passed, the source is not ready, so surfaces hold
+        back empty answers rather than tell proxies a service has no hosts.
+        """
+        status = Source.REGISTRATION.value
+        if self._warmup:
+            self._registry.set_source_status(
+                status,
+                ready=False,
+                reason=f"warming up: {self._warmup:g}s for registered hosts to check in again",
+            )
+            await asyncio.sleep(self._warmup)
+        self._registry.set_source_status(status, ready=True)
         while True:
             await asyncio.sleep(self._sweep_interval)
-            self.expire(time.time())
+            self.expire(time.monotonic())
 
     def expire(self, now: float) -> int:
-        """Remove every host not heard from for ``host_ttl`` seconds; how many went."""
+        """Remove every host not heard from for ``host_ttl`` seconds (``now``: monotonic)."""
         deadline = now - self._ttl
-        expired = [key for key, host in self._hosts.items() if host.last_check_in < deadline]
+        expired = [key for key, host in self._hosts.items() if host.seen < deadline]
         for key in expired:
             host = self._hosts.pop(key)
             self._registry.remove(Source.REGISTRATION, host.service, host.ip, host.port)
@@ -111,6 +131,7 @@ class RegistrationSource:
         if repo:
             host.service_repo_name = repo
         host.last_check_in = time.time()
+        host.seen = time.monotonic()
         if self._registry.upsert(Source.REGISTRATION, service, host.endpoint()) and kind != "new":
             kind = "change"
         metrics.REGISTRATIONS.labels(kind=kind).inc()

@@ -82,7 +82,12 @@ class EndpointDiscovery:
         try:
             version, response = fetch(self._cache, request)
         except ApiError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            code = (
+                grpc.StatusCode.UNAVAILABLE
+                if exc.status == 503
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            await context.abort(code, exc.message)
         return response or discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=EDS_TYPE_URL
         )

@@ -17,6 +17,17 @@ from sds import metrics
 
 # A REST client that has not polled for this long is no longer listed as connected.
 REST_CLIENT_EXPIRY = 120.0
+# REST clients are unauthenticated; bound what they can make us remember.
+MAX_REST_CLIENTS = 10_000
+MAX_LISTED_RESOURCES = 100
+
+
+def listed(names: list[str]) -> list[str]:
+    """Resource names as shown in a status: at most MAX_LISTED_RESOURCES of them."""
+    if len(names) <= MAX_LISTED_RESOURCES:
+        return names
+    return [*names[:MAX_LISTED_RESOURCES], f"(+{len(names) - MAX_LISTED_RESOURCES} more)"]
+
 
 _ids = itertools.count(1)
 
@@ -103,6 +114,10 @@ class ProxyTracker:
         key = f"{node.id}\0{node.cluster}"
         status = self._rest.get(key)
         if status is None:
+            self._forget_idle_rest_clients()
+            if len(self._rest) >= MAX_REST_CLIENTS:
+                oldest = min(self._rest, key=lambda k: self._rest[k].last_seen)
+                del self._rest[oldest]
             status = ProxyStatus(
                 node_id=node.id,
                 cluster=node.cluster,
@@ -114,9 +129,12 @@ class ProxyTracker:
         status.last_seen = time.time()
         return status
 
-    def all(self) -> list[ProxyStatus]:
-        """Connected streams and recently seen REST pollers, oldest first."""
+    def _forget_idle_rest_clients(self) -> None:
         cutoff = time.time() - REST_CLIENT_EXPIRY
         for key in [k for k, s in self._rest.items() if s.last_seen < cutoff]:
             del self._rest[key]
+
+    def all(self) -> list[ProxyStatus]:
+        """Connected streams and recently seen REST pollers, oldest first."""
+        self._forget_idle_rest_clients()
         return sorted([*self._streams.values(), *self._rest.values()], key=lambda s: s.id)

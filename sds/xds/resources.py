@@ -105,6 +105,18 @@ class ResourceCache:
         """Every service the registry knows, for wildcard subscriptions."""
         return self._registry.services()
 
+    def answerable(self, names: Iterable[str]) -> list[Resource]:
+        """The resources for ``names`` that may be sent now, in name order.
+
+        Until every source has synced, an empty assignment may only mean "not learned yet"
+        (sds just restarted, registrations not back): it is withheld, so a proxy keeps the
+        endpoints it has instead of dropping them all.
+        """
+        resources = [self.get(name) for name in sorted(names)]
+        if self._registry.ready:
+            return resources
+        return [r for r in resources if r.endpoint_count]
+
 
 def combined_version(resources: Iterable[Resource]) -> str:
     """A version for a set of resources: changes when any member or membership does."""

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from sds import metrics
 from sds.errors import bad_request
 from sds.xds.fetch import fetch
-from sds.xds.proxies import ProxyTracker
+from sds.xds.proxies import ProxyTracker, listed
 from sds.xds.resources import ResourceCache
 
 
@@ -35,11 +35,11 @@ def xds_rest_router(cache: ResourceCache, tracker: ProxyTracker) -> APIRouter:
             req = json_format.Parse(
                 body or b"{}", discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
             )
-        except json_format.ParseError as exc:
+        except (json_format.ParseError, RecursionError) as exc:
             raise bad_request(f"not a DiscoveryRequest: {exc}") from None
         version, response = fetch(cache, req)
         status = tracker.rest_client(req.node)
-        status.subscribed = list(req.resource_names) or ["*"]
+        status.subscribed = listed(list(req.resource_names)) or ["*"]
         status.last_version_acked = req.version_info
         status.last_version_sent = version
         if response is None:

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
 from sds.registry import Registry
-from sds.xds.proxies import ProxyStatus, ProxyTracker
+from sds.xds.proxies import ProxyStatus, ProxyTracker, listed
 from sds.xds.resources import EDS_TYPE_URL, Resource, ResourceCache, combined_version
 
 log = logging.getLogger("sds.xds")
@@ -68,7 +69,8 @@ class XdsStream:
         self._debounce = debounce
         self._types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
-        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # Bounded, so a client that floods requests is slowed down by gRPC flow control.
+        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=16)
         self._change_queued = False
         self.status: ProxyStatus | None = None
 
@@ -102,8 +104,9 @@ class XdsStream:
         try:
             async for request in requests:
                 await self._inbox.put(("request", request))
-        finally:
-            await self._inbox.put(("end", None))
+        except grpc.RpcError as exc:
+            log.info("xds stream broke", extra={"error": str(exc)[:200]})
+        await self._inbox.put(("end", None))
 
     async def _watch(self) -> None:
         seen = self._registry.revision
@@ -121,7 +124,7 @@ class XdsStream:
 
     # ----- helpers for the two variants ----------------------------------------------------
 
-    def _connect(self, node: base_pb2.Node) -> ProxyStatus:
+    def _connect(self, node: base_pb2.Node) -> None:
         if self.status is None:
             self.status = self._tracker.connect(node, self.transport, self._service)
             log.info(
@@ -134,7 +137,6 @@ class XdsStream:
                 },
             )
         self.status.last_seen = time.time()
-        return self.status
 
     def _type_url(self, type_url: str) -> str:
         if self._service == "eds":
@@ -148,8 +150,11 @@ class XdsStream:
     def _resources(self, state: _TypeState, type_url: str) -> list[Resource]:
         if type_url != EDS_TYPE_URL:
             return []  # we serve no other type; an empty answer keeps the proxy from waiting
-        names = self._cache.known_names() if state.wildcard else state.names
-        return [self._cache.get(name) for name in sorted(names)]
+        return self._cache.answerable(self._cache.known_names() if state.wildcard else state.names)
+
+    def _show_subscription(self, state: _TypeState) -> None:
+        if self.status is not None:
+            self.status.subscribed = listed(sorted(state.names)) + (["*"] if state.wildcard else [])
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -165,7 +170,6 @@ class XdsStream:
             self.status.last_nonce_sent = nonce
             self.status.last_version_sent = version
             self.status.responses_sent += 1
-            self.status.subscribed = sorted(state.names) if not state.wildcard else ["*"]
         metrics.XDS_PUSHES.labels(self.transport).inc()
 
     def _record_ack(self, state: _TypeState, version: str) -> None:
@@ -209,13 +213,16 @@ class SotwStream(XdsStream):
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         """Subscribe, ACK or NACK; answer when the subscription is new or changed."""
-        status = self._connect(request.node)
+        self._connect(request.node)
         type_url = self._type_url(request.type_url)
         state = self._types.setdefault(type_url, _TypeState())
         if request.response_nonce and request.response_nonce != state.nonce:
             return  # stale: answers a response that a newer one superseded
-        wildcard = not request.resource_names
+        # An empty list means "nothing" (the spec's legacy wildcard is for LDS/CDS only);
+        # "*" asks for every service.
         names = set(request.resource_names)
+        wildcard = "*" in names
+        names.discard("*")
         same_subscription = (wildcard, names) == (state.wildcard, state.names)
         if request.response_nonce:
             if request.HasField("error_detail"):
@@ -225,8 +232,11 @@ class SotwStream(XdsStream):
             if same_subscription:
                 return
         state.wildcard, state.names = wildcard, names
-        status.subscribed = sorted(names) if not wildcard else ["*"]
-        await self._respond(type_url, state, None)
+        self._show_subscription(state)
+        resources = self._resources(state, type_url)
+        if type_url == EDS_TYPE_URL and (names or wildcard) and not resources:
+            return  # all withheld until the sources have synced; the change wakes us
+        await self._respond(type_url, state, None, resources)
 
     async def on_change(self, changed_at: float) -> None:
         """Send a fresh state of the world for each type whose resources changed."""
@@ -234,7 +244,7 @@ class SotwStream(XdsStream):
             if type_url != EDS_TYPE_URL or not (state.names or state.wildcard):
                 continue
             resources = self._resources(state, type_url)
-            if {r.name: r.version for r in resources} != state.sent:
+            if resources and {r.name: r.version for r in resources} != state.sent:
                 await self._respond(type_url, state, changed_at, resources)
 
     async def _respond(
@@ -281,8 +291,6 @@ class DeltaStream(XdsStream):
             state = self._types[type_url] = _TypeState()
             # What the proxy already has (after a reconnect) need not be sent again.
             state.sent.update(request.initial_resource_versions)
-            if not request.resource_names_subscribe:
-                state.wildcard = True
         if request.response_nonce:
             version = self._versions_by_nonce.pop(request.response_nonce, None)
             if request.HasField("error_detail"):
@@ -300,8 +308,7 @@ class DeltaStream(XdsStream):
             else:
                 state.names.discard(name)
                 state.sent.pop(name, None)
-        if self.status is not None:
-            self.status.subscribed = sorted(state.names) + (["*"] if state.wildcard else [])
+        self._show_subscription(state)
         await self._push(type_url, state, None, force_empty=request.response_nonce == "")
 
     async def on_change(self, changed_at: float) -> None:
