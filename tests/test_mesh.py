@@ -248,3 +248,30 @@ async def test_supervisor_restarts_a_component_that_dies(start_mesh: Callable[..
     finally:
         stop.set()
         await supervisor
+
+
+async def test_edge_keeps_every_replica_while_sds_restarts(start_mesh: Callable[..., Any]) -> None:
+    mesh: Mesh = await start_mesh(2)
+    stop = asyncio.Event()
+    supervisor = asyncio.create_task(mesh.supervise(stop))
+    try:
+        assert mesh.sds.proc is not None
+        mesh.sds.proc.send_signal(signal.SIGKILL)
+        seen: Counter[str] = Counter()
+        async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+            await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+            async with asyncio.timeout(60):
+                while mesh.sds.restarts == 0 or not mesh.sds.running():
+                    seen[await get_alice(client)] += 1
+                    await asyncio.sleep(0.02)
+            # Through the new sds's warm-up and past it, both replicas keep serving.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + mesh.heartbeat_interval + 2
+            while loop.time() < until:
+                seen[await get_alice(client)] += 1
+                await asyncio.sleep(0.02)
+        assert set(seen) == {r.at.address for r in mesh.replicas.values()}
+        await mesh.wait_edge_hosts(2)
+    finally:
+        stop.set()
+        await supervisor
