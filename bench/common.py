@@ -29,12 +29,26 @@ def machine() -> str:
     )
 
 
-async def run_load(url: str, **options: Any) -> dict[str, Any]:
-    """Run bench/loadgen.py in its own process against ``url`` and return its stats."""
+SERVER_CPUS = {0}
+LOAD_CPUS = {1}
+
+
+def pin(pid: int | None, cpus: set[int]) -> bool:
+    """Keep process ``pid`` on ``cpus`` (Linux, 2+ CPUs); False where that is not possible."""
+    if pid is None or not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        return False
+    os.sched_setaffinity(pid, cpus)
+    return True
+
+
+async def run_load(url: str, *, cpus: set[int] | None = None, **options: Any) -> dict[str, Any]:
+    """Run bench/loadgen.py in its own process (on ``cpus``) against ``url``; its stats."""
     argv = [sys.executable, str(HERE / "loadgen.py"), url]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    if cpus:
+        pin(proc.pid, cpus)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed: {argv}")

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 
 from sds.api.app import create_app
 from sds.api.registration import registration_router
-from sds.api.v1 import V1Api
+from sds.api.v1 import V1Api, V1FastPath
 from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
@@ -48,8 +48,9 @@ class SdsServer:
         self._make_stream = stream_factory(
             self.registry, resources, self.proxies, settings.xds_debounce
         )
+        v1 = V1Api(self.registry, settings.env)
         routers: list[APIRouter] = [
-            V1Api(self.registry, settings.env).router(),
+            v1.router(),
             xds_rest_router(resources, self.proxies),
         ]
         if Source.REGISTRATION.value in settings.source:
@@ -70,6 +71,7 @@ class SdsServer:
             )
             self._jobs["kubernetes"] = kubernetes.run()
         self.app = create_app(self.registry, routers)
+        self.app.add_middleware(V1FastPath, api=v1)
         self._http = _HttpServer(
             uvicorn.Config(
                 self.app,

@@ -91,9 +91,10 @@ def ops_router(registry: Registry, started: float) -> APIRouter:
 def create_app(registry: Registry, routers: Iterable[APIRouter]) -> FastAPI:
     """The FastAPI app with our error shape: 4xx/5xx answers are ``{"error": "..."}``."""
     app = FastAPI(title="sds", summary="The envoymesh discovery server", version="0.1.0")
-    app.include_router(ops_router(registry, time.monotonic()))
+    # Routes match in order: the hot read paths (v1 first) before the operational ones.
     for router in routers:
         app.include_router(router)
+    app.include_router(ops_router(registry, time.monotonic()))
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
