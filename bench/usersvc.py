@@ -16,7 +16,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, row, run_load
+from bench.common import LOAD_CPUS, SERVER_CPUS, machine, pin, row, run_load
 from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.postgres import LocalPostgres
@@ -39,19 +39,30 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
             await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
             async with httpx.AsyncClient(base_url=base) as client:
                 await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+            pinned = pin(usersvc.pid, SERVER_CPUS) and pin(postgres.pid, SERVER_CPUS)
+            load_cpus = LOAD_CPUS if pinned else None
             print("usersvc benchmark")
             print(f"machine: {machine()}")
             print(
                 f"setup: 1 usersvc process (uvicorn, 1 worker, pool 10) + PostgreSQL "
                 f"{postgres.bindir}; load from a separate process (aiohttp, keep-alive); "
-                f"{duration:.0f} s per run after 1 s warm-up; load generator shares the 2 cores"
+                f"{duration:.0f} s per run after 1 s warm-up; "
+                + (
+                    "usersvc and PostgreSQL pinned to CPU 0, load generator to CPU 1"
+                    if pinned
+                    else "server and load generator share the CPUs"
+                )
             )
             get = await run_load(
-                f"{base}/user/alice", concurrency=get_concurrency, duration=duration
+                f"{base}/user/alice",
+                cpus=load_cpus,
+                concurrency=get_concurrency,
+                duration=duration,
             )
             print(row(f"GET /user/alice  ({get_concurrency} connections)", get))
             put = await run_load(
                 base + "/user/bench-{n}",
+                cpus=load_cpus,
                 method="PUT",
                 body='{"fullname": "Bench User", "password": "correct horse"}',
                 concurrency=put_concurrency,
