@@ -8,6 +8,7 @@ refuses to run as root, so when we are root the server runs as ``nobody``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -28,14 +29,21 @@ class PostgresError(RuntimeError):
     """The private server could not be set up or started."""
 
 
+def pgserver_bindir() -> Path | None:
+    """Where the ``pgserver`` wheel keeps its PostgreSQL binaries, if it is installed."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
 def find_bindir() -> Path:
     """Directory holding ``initdb`` and ``postgres``: the system's first, else pgserver's."""
     on_path = shutil.which("initdb")
     candidates = [Path(on_path).parent] if on_path else []
     candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    spec = importlib.util.find_spec("pgserver")
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
+    if (wheel := pgserver_bindir()) is not None:
+        candidates.append(wheel)
     for candidate in candidates:
         if (candidate / "initdb").exists() and (candidate / "postgres").exists():
             return candidate
@@ -50,6 +58,32 @@ def _reachable_by_others(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
 
 
+def _reachable_copy(bindir: Path) -> Path:
+    """A copy of pgserver's installation that ``nobody`` can execute, made once.
+
+    Needed when the binaries come from a virtualenv below a directory closed to other users.
+    The wheel's binaries find their libraries relative to themselves (an rpath into the
+    sibling ``pgserver.libs``), so the package and that directory are copied side by side.
+    """
+    package = bindir.parent.parent  # .../site-packages/pgserver (holding pginstall/bin)
+    digest = hashlib.sha256(str(package).encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"envoymesh-pgserver-{digest}"
+    copied = target / package.name / bindir.relative_to(package)
+    if not (copied / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="envoymesh-pgserver-"))
+        staging.chmod(0o755)
+        shutil.copytree(package, staging / package.name, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for directory, _, _ in os.walk(staging):
+            path = Path(directory)
+            path.chmod(path.stat().st_mode | 0o055)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return copied
+
+
 class LocalPostgres:
     """One PostgreSQL server whose data lives in ``directory``; trust auth on loopback only.
 
@@ -59,13 +93,22 @@ class LocalPostgres:
     :meth:`discard` removes: no existing directory's permissions are changed.
     """
 
-    def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        bindir: Path | None = None,
+    ):
         self.directory = directory
         self.host = host
         self.port = port or free_port(host)
-        self.bindir = find_bindir()
         self._proc: ManagedProcess | None = None
         self._user = "nobody" if os.geteuid() == 0 else None
+        self.bindir = bindir or find_bindir()
+        if self._user is not None and not _reachable_by_others(self.bindir):
+            self.bindir = _reachable_copy(self.bindir)
         self._scratch: Path | None = None
         if self._user is not None and not _reachable_by_others(directory):
             self._scratch = Path(tempfile.mkdtemp(prefix="envoymesh-pg-"))
