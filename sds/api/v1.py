@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,32 +55,58 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    snapshot: ServiceSnapshot
+    body: bytes
+    etag: str
+    has_hosts: bool
+    rendered_at: float
+
+
 class V1Api:
     """Read-only v1 routes over the registry."""
 
     def __init__(self, registry: Registry, env: str) -> None:
         self._registry = registry
         self._env = env
-        self._cache: dict[str, tuple[ServiceSnapshot, bytes, str, bool]] = {}
+        self._cache: dict[str, _Rendered] = {}
 
     def _render(self, name: str) -> tuple[bytes, str, bool]:
-        """The answer's body, its ETag, and whether it lists any host (cached per snapshot)."""
+        """The answer's body, its ETag, and whether it lists any host.
+
+        Rendered once per snapshot. Heartbeats make new snapshots (for ``last_check_in``)
+        without a new version; those re-render at most once a second and keep the ETag.
+        """
         snap = self._registry.snapshot(self._registry.resolve(name))
         cached = self._cache.get(name)
-        if cached is not None and cached[0] is snap:
-            return cached[1], cached[2], cached[3]
+        now = time.monotonic()
+        if cached is not None and (
+            cached.snapshot is snap
+            or (
+                (cached.snapshot.name, cached.snapshot.version) == (snap.name, snap.version)
+                and now - cached.rendered_at < 1.0
+            )
+        ):
+            return cached.body, cached.etag, cached.has_hosts
         hosts = [host_json(snap.name, e) for e in snap.healthy]
         body = json.dumps(
             {"service": name, "env": self._env, "hosts": hosts}, separators=(",", ":")
         ).encode()
-        # Weak: identifies what a proxy routes on, so heartbeats (last_check_in) keep it, and a
-        # content hash, so it means the same on every sds replica and after a restart.
-        routed = [{k: v for k, v in h.items() if k != "last_check_in"} for h in hosts]
-        digest = hashlib.sha256(json.dumps([name, routed], sort_keys=True).encode())
-        etag = f'W/"{digest.hexdigest()[:20]}"'
+        if cached is not None and (cached.snapshot.name, cached.snapshot.version) == (
+            snap.name,
+            snap.version,
+        ):
+            etag = cached.etag  # same routing, only check-in times moved
+        else:
+            # Weak: identifies what a proxy routes on (not last_check_in), and a content hash,
+            # so it means the same on every sds replica and after a restart.
+            routed = [{k: v for k, v in h.items() if k != "last_check_in"} for h in hosts]
+            digest = hashlib.sha256(json.dumps([name, routed], sort_keys=True).encode())
+            etag = f'W/"{digest.hexdigest()[:20]}"'
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[name] = (snap, body, etag, bool(hosts))
+        self._cache[name] = _Rendered(snap, body, etag, bool(hosts), now)
         return body, etag, bool(hosts)
 
     def answer(self, service: str, if_none_match: str | None) -> tuple[int, bytes, str]:
