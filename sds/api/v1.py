@@ -80,13 +80,13 @@ class V1Api:
         """
         snap = self._registry.snapshot(self._registry.resolve(name))
         cached = self._cache.get(name)
+        if cached is not None and cached.snapshot is snap:
+            return cached.body, cached.etag, cached.has_hosts
         now = time.monotonic()
-        if cached is not None and (
-            cached.snapshot is snap
-            or (
-                (cached.snapshot.name, cached.snapshot.version) == (snap.name, snap.version)
-                and now - cached.rendered_at < 1.0
-            )
+        if (
+            cached is not None
+            and (cached.snapshot.name, cached.snapshot.version) == (snap.name, snap.version)
+            and now - cached.rendered_at < 1.0
         ):
             return cached.body, cached.etag, cached.has_hosts
         hosts = [host_json(snap.name, e) for e in snap.healthy]
@@ -156,7 +156,7 @@ class V1Api:
 
 
 class V1FastPath:
-    """Answers ``GET /v1/registration/{service}`` before the framework's routing.
+    """Answers ``GET /v1/registration/{service}`` in front of the framework.
 
     Legacy pollers hit this one path far more than any other; the answer is a cached byte
     string, so the framework's per-request machinery would be most of the cost. Anything
