@@ -109,6 +109,11 @@ class V1Api:
         self._cache[name] = _Rendered(snap, body, etag, bool(hosts), now)
         return body, etag, bool(hosts)
 
+    @property
+    def revision(self) -> int:
+        """The registry revision; answers prepared at an older one may be stale."""
+        return self._registry.revision
+
     def answer(self, service: str, if_none_match: str | None) -> tuple[int, bytes, str]:
         """(status 200 or 304, body, ETag) for ``GET /v1/registration/{service}``.
 
@@ -155,13 +160,25 @@ class V1Api:
         return router
 
 
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A prepared 200 answer, valid while the registry revision stays and for a second."""
+
+    revision: int
+    made: float
+    etag: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
 class V1FastPath:
     """Answers ``GET /v1/registration/{service}`` in front of the framework.
 
     Legacy pollers hit this one path far more than any other; the answer is a cached byte
     string, so the framework's per-request machinery would be most of the cost. Anything
     unusual (an error, another method or path) goes on to the app, which answers it the
-    same way through :meth:`V1Api.answer`.
+    same way through :meth:`V1Api.answer`. Prepared answers follow the registry revision; a
+    heartbeat-only refresh of ``last_check_in`` shows within a second.
     """
 
     PREFIX = "/v1/registration/"
@@ -170,37 +187,58 @@ class V1FastPath:
     def __init__(self, app: ASGIApp, api: V1Api) -> None:
         self.app = app
         self.api = api
+        self._ready: dict[str, _Ready] = {}
         self._counted = {
             status: metrics.HTTP_REQUESTS.labels("GET", self.ROUTE, str(status))
             for status in (200, 304)
         }
 
+    def _prepare(self, path: str, service: str) -> _Ready | None:
+        try:
+            _, body, etag = self.api.answer(service, None)
+        except ApiError:
+            return None  # the app formats errors
+        if len(self._ready) > 100_000:
+            self._ready.clear()
+        ready = _Ready(
+            self.api.revision,
+            time.monotonic(),
+            etag,
+            [
+                (b"etag", etag.encode("latin-1")),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            body,
+        )
+        self._ready[path] = ready
+        return ready
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if scope["type"] == "http" and scope["method"] == "GET" and path.startswith(self.PREFIX):
-            service = path[len(self.PREFIX) :]
-            if service and "/" not in service:
-                if_none_match = next(
-                    (v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"),
-                    None,
-                )
-                try:
-                    status, body, etag = self.api.answer(service, if_none_match)
-                except ApiError:
-                    pass  # the app formats errors
-                else:
-                    await self._send(send, status, body, etag)
-                    self._counted[status].inc()
+            ready = self._ready.get(path)
+            if (
+                ready is None
+                or ready.revision != self.api.revision
+                or time.monotonic() - ready.made >= 1.0
+            ):
+                service = path[len(self.PREFIX) :]
+                ready = self._prepare(path, service) if service and "/" not in service else None
+            if ready is not None:
+                if_none_match = None
+                for key, value in scope["headers"]:
+                    if key == b"if-none-match":
+                        if_none_match = value.decode("latin-1")
+                if if_none_match is not None and etag_matches(if_none_match, ready.etag):
+                    await send(
+                        {"type": "http.response.start", "status": 304, "headers": ready.headers[:1]}
+                    )
+                    await send({"type": "http.response.body", "body": b""})
+                    self._counted[304].inc()
                     return
+                await send({"type": "http.response.start", "status": 200, "headers": ready.headers})
+                await send({"type": "http.response.body", "body": ready.body})
+                self._counted[200].inc()
+                return
         await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _send(send: Send, status: int, body: bytes, etag: str) -> None:
-        headers = [(b"etag", etag.encode("latin-1"))]
-        if status == 200:
-            headers += [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
