@@ -90,7 +90,8 @@ async def main(duration: float, concurrency: int, rounds: int) -> int:
             print(f"machine: {machine()}")
             print(
                 "setup: sds (1 process, uvicorn + FastAPI) and the baseline (bare ASGI, same "
-                "uvicorn settings and event loop) on loopback; load from a separate process, "
+                "uvicorn settings and event loop) on loopback; load from a separate process "
+                "(wrk when installed, else aiohttp; named on each row), "
                 f"{concurrency} keep-alive connections, {duration:.0f} s per run after 1 s "
                 f"warm-up, {rounds} alternating rounds, medians; "
                 + (

@@ -45,7 +45,8 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
             print(f"machine: {machine()}")
             print(
                 f"setup: 1 usersvc process (uvicorn, 1 worker, pool 10) + PostgreSQL "
-                f"{postgres.bindir}; load from a separate process (aiohttp, keep-alive); "
+                f"{postgres.bindir}; load from a separate process (wrk when installed, else "
+                "aiohttp; the tool is named on each row), keep-alive; "
                 f"{duration:.0f} s per run after 1 s warm-up; "
                 + (
                     "usersvc and PostgreSQL pinned to CPU 0, load generator to CPU 1"
