@@ -21,6 +21,9 @@ from sds.errors import ApiError
 from sds.model import Endpoint, ServiceSnapshot
 from sds.registry import Registry
 
+# A heartbeat moves only ``last_check_in``; answers show it at most this many seconds late.
+CHECK_IN_REFRESH = 1.0
+
 
 def host_json(service: str, endpoint: Endpoint) -> dict[str, Any]:
     """One host as Envoy's v1 SDS client and lyft/discovery's clients expect it."""
@@ -76,7 +79,8 @@ class V1Api:
         """The answer's body, its ETag, and whether it lists any host.
 
         Rendered once per snapshot. Heartbeats make new snapshots (for ``last_check_in``)
-        without a new version; those re-render at most once a second and keep the ETag.
+        without a new version; those re-render at most every CHECK_IN_REFRESH seconds and
+        keep the ETag.
         """
         snap = self._registry.snapshot(self._registry.resolve(name))
         cached = self._cache.get(name)
@@ -86,7 +90,7 @@ class V1Api:
         if (
             cached is not None
             and (cached.snapshot.name, cached.snapshot.version) == (snap.name, snap.version)
-            and now - cached.rendered_at < 1.0
+            and now - cached.rendered_at < CHECK_IN_REFRESH
         ):
             return cached.body, cached.etag, cached.has_hosts
         hosts = [host_json(snap.name, e) for e in snap.healthy]
@@ -162,7 +166,7 @@ class V1Api:
 
 @dataclass(frozen=True, slots=True)
 class _Ready:
-    """A prepared 200 answer, valid while the registry revision stays and for a second."""
+    """A prepared 200 answer, valid while the registry revision stays (CHECK_IN_REFRESH at most)."""
 
     revision: int
     made: float
@@ -178,7 +182,7 @@ class V1FastPath:
     string, so the framework's per-request machinery would be most of the cost. Anything
     unusual (an error, another method or path) goes on to the app, which answers it the
     same way through :meth:`V1Api.answer`. Prepared answers follow the registry revision; a
-    heartbeat-only refresh of ``last_check_in`` shows within a second.
+    heartbeat-only refresh of ``last_check_in`` shows within CHECK_IN_REFRESH seconds.
     """
 
     PREFIX = "/v1/registration/"
@@ -221,7 +225,7 @@ class V1FastPath:
             if (
                 ready is None
                 or ready.revision != self.api.revision
-                or time.monotonic() - ready.made >= 1.0
+                or time.monotonic() - ready.made >= CHECK_IN_REFRESH
             ):
                 service = path[len(self.PREFIX) :]
                 ready = self._prepare(path, service) if service and "/" not in service else None
