@@ -12,8 +12,14 @@ import socket
 _LOW, _HIGH = 20000, 32000
 
 
-def _free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` right now.
+
+    The probe binds as our servers do, with ``SO_REUSEADDR``: connections that closed a moment
+    ago linger in TIME_WAIT on the port, and they block a plain bind but not a server.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -25,7 +31,7 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """The first of ``count`` consecutive ports that nothing listens on right now."""
     for _ in range(1000):
         base = random.randrange(_LOW, _HIGH - count)  # noqa: S311 - not security
-        if all(_free(host, base + i) for i in range(count)):
+        if all(port_is_free(host, base + i) for i in range(count)):
             return base
     raise OSError(f"no {count} free consecutive ports between {_LOW} and {_HIGH}")
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Generator, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from envoymesh.envoyconf import TEMPLATES, TemplateError, render
+from envoymesh.ports import port_is_free
 from meshctl import control
 from meshctl.demo import run_demo
 from meshctl.mesh import Mesh, MeshSettings
@@ -85,17 +85,15 @@ def _settings(args: argparse.Namespace, run_dir: Path) -> MeshSettings:
     )
 
 
-def _busy_ports(settings: MeshSettings) -> list[int]:
+def busy_ports(settings: MeshSettings) -> list[int]:
+    """The mesh's fixed ports that some server already listens on."""
     busy = []
     for _, field, _ in PORT_FLAGS:
         if field in ("usersvc_port", "sidecar_port", "admin_base"):
             continue
         port = int(getattr(settings, field))
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                busy.append(port)
+        if not port_is_free("127.0.0.1", port):
+            busy.append(port)
     return busy
 
 
@@ -118,7 +116,7 @@ def _stop_on_signals(stop: asyncio.Event) -> Generator[None, None, None]:
 
 
 async def _up(settings: MeshSettings) -> int:
-    if busy := _busy_ports(settings):
+    if busy := busy_ports(settings):
         print(f"meshctl: ports already in use: {busy} (another mesh running?)", file=sys.stderr)
         return 1
     mesh = Mesh(settings)
@@ -271,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "demo":
         run_dir = _run_dir(args.run_dir or f"run/demo-{time.strftime('%Y%m%d-%H%M%S')}")
         settings = _settings(args, run_dir)
-        if busy := _busy_ports(settings):
+        if busy := busy_ports(settings):
             print(f"meshctl: ports already in use: {busy} (is `meshctl up` running?)")
             sys.exit(1)
         code = asyncio.run(run_demo(settings))

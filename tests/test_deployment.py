@@ -30,7 +30,7 @@ import yaml
 
 from envoymesh.envoyconf import TEMPLATES, envoy_binary, render
 from envoymesh.ports import free_port
-from tests.conftest import ROOT, SHARED, RunningSds
+from tests.conftest import DATA, ROOT, RunningSds
 
 # The Kubernetes version the docs name; 1.33 made native sidecar containers GA.
 KUBERNETES_VERSION = "1.33"
@@ -709,7 +709,7 @@ def test_compose_envoy_config_is_valid(relative: str, tmp_path: Path) -> None:
 
 
 def test_compose_file_follows_the_compose_spec() -> None:
-    schema = json.loads((SHARED / "schemas" / "compose-spec.json").read_text())
+    schema = json.loads((DATA / "compose-spec.json").read_text())
     # Its $schema URL lacks the trailing "#" jsonschema looks up: name the draft.
     jsonschema.Draft7Validator(schema).validate(COMPOSE)
 

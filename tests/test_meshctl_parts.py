@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from envoymesh.envoyconf import TemplateError, placeholders, render
+from envoymesh.ports import free_port, port_is_free
+from meshctl.__main__ import busy_ports
 from meshctl.addresses import replica_address
+from meshctl.mesh import MeshSettings
 from meshctl.proxy_status import format_proxies
 
 
@@ -105,3 +110,53 @@ def test_proxy_status_table_shows_each_state() -> None:
 
 def test_proxy_status_with_no_proxies_says_so() -> None:
     assert format_proxies([]) == "no proxies connected"
+
+
+def _leave_time_wait_on(port: int) -> None:
+    """Serve one connection on ``port`` and close it from the server side, as a server
+    that just stopped does: the server's end of it lingers in TIME_WAIT."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()
+            client.recv(1)
+
+
+def _time_wait_ports() -> set[int]:
+    """Local ports of IPv4 TCP sockets in TIME_WAIT (state 06 in /proc/net/tcp)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {int(f[1].split(":")[1], 16) for f in (line.split() for line in lines) if f[3] == "06"}
+
+
+def test_a_port_in_time_wait_counts_as_free() -> None:
+    port = free_port()
+    _leave_time_wait_on(port)
+    assert port in _time_wait_ports()
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_a_port_with_a_listener_counts_as_busy() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert not port_is_free("127.0.0.1", server.getsockname()[1])
+
+
+def test_meshctl_refuses_only_ports_that_something_listens_on(tmp_path: Path) -> None:
+    lingering, listening = free_port(), free_port()
+    _leave_time_wait_on(lingering)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", listening))
+        server.listen()
+        settings = MeshSettings(
+            run_dir=tmp_path,
+            edge_port=lingering,
+            sds_http_port=listening,
+            edge_admin_port=free_port(),
+            control_port=free_port(),
+            sds_grpc_port=free_port(),
+        )
+        assert busy_ports(settings) == [listening]

@@ -12,9 +12,9 @@ import jsonschema
 import pytest
 
 from sds.model import Endpoint, Health, Source
-from tests.conftest import SHARED, RunningSds
+from tests.conftest import DATA, RunningSds
 
-V1_SCHEMA = json.loads((SHARED / "schemas" / "envoy-v1-sds.schema.json").read_text())
+V1_SCHEMA = json.loads((DATA / "envoy-v1-sds.schema.json").read_text())
 
 
 def lyft_form(ip: str, port: int = 80, **extra: Any) -> dict[str, str]:
