@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sds.registry import Registry  # noqa: E402  (needs the path above)
-from sds.sources.kubernetes import KubernetesSource  # noqa: E402
+from sds.sources.kubernetes import KubernetesSource, WatchSettings  # noqa: E402
 
 FAKE_APISERVER = ROOT / "tests" / "fake_apiserver.py"
 
@@ -81,7 +81,9 @@ async def stop_apiserver(proc: asyncio.subprocess.Process) -> None:
 async def measure(args: argparse.Namespace, url: str) -> dict[str, float]:
     """Run the source until ready; the numbers."""
     registry = Registry()
-    source = KubernetesSource(registry, kube_api_url=url, page_size=args.page_size)
+    source = KubernetesSource(
+        registry, kube_api_url=url, watch=WatchSettings(page_size=args.page_size)
+    )
     rss_before = current_rss_mb()
     started = time.perf_counter()
     task = asyncio.create_task(source.run())

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         "", description="API server URL without auth, as `kubectl proxy` gives"
     )
     kubeconfig: str = Field("", description="kubeconfig file (default: in-cluster, then ~/.kube)")
+    kube_read_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="seconds a Kubernetes watch may stay silent before it is resumed"
+        " (the API server sends a bookmark about once a minute)",
+    )
     host_ttl: float = Field(600.0, gt=0, description="seconds a registered host lives unrefreshed")
     registration_warmup: float = Field(
         15.0,

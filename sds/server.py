@@ -61,7 +61,10 @@ class SdsServer:
             routers.append(registration_router(registration, settings.write_token))
             self._jobs["registration"] = registration.run()
         if Source.KUBERNETES.value in settings.source:
-            from sds.sources.kubernetes import KubernetesSource  # noqa: PLC0415 - optional
+            from sds.sources.kubernetes import (  # noqa: PLC0415 - optional
+                KubernetesSource,
+                WatchSettings,
+            )
 
             kubernetes = KubernetesSource(
                 self.registry,
@@ -69,6 +72,7 @@ class SdsServer:
                 port_name=settings.port_name,
                 kube_api_url=settings.kube_api_url,
                 kubeconfig=settings.kubeconfig,
+                watch=WatchSettings(read_timeout=settings.kube_read_timeout),
             )
             self._jobs["kubernetes"] = kubernetes.run()
         self.app = create_app(self.registry, routers)

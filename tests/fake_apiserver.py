@@ -47,8 +47,14 @@ def slice_endpoint(
     serving: bool | None = None,
     terminating: bool | None = None,
     zone: str | None = None,
+    pod: str | None = None,
+    node: str | None = None,
 ) -> Obj:
-    """One entry of an EndpointSlice's ``endpoints``; a None condition is left out."""
+    """One entry of an EndpointSlice's ``endpoints``; a None condition or field is left out.
+
+    ``pod`` adds the ``targetRef`` the EndpointSlice controller writes, ``node`` the
+    ``nodeName``: they make entries as large as real ones.
+    """
     conditions = {
         key: value
         for key, value in (("ready", ready), ("serving", serving), ("terminating", terminating))
@@ -57,6 +63,15 @@ def slice_endpoint(
     entry: Obj = {"addresses": list(addresses), "conditions": conditions}
     if zone is not None:
         entry["zone"] = zone
+    if node is not None:
+        entry["nodeName"] = node
+    if pod is not None:
+        entry["targetRef"] = {
+            "kind": "Pod",
+            "namespace": "default",
+            "name": pod,
+            "uid": f"{pod}-0000-4000-8000-000000000000",
+        }
     return entry
 
 
@@ -225,8 +240,9 @@ class _ListSnapshot:
 class _Watcher:
     matches: Predicate
     bookmarks: bool
-    queue: asyncio.Queue[_Change | int | None] = field(default_factory=asyncio.Queue)
-    # queue items: a change, a bookmark (its resourceVersion), None to drop the stream
+    queue: asyncio.Queue[_Change | int | bytes | None] = field(default_factory=asyncio.Queue)
+    silent: bool = False  # a dead connection: the stream stays open and delivers nothing
+    # queue items: a change, a bookmark (its resourceVersion), a raw line, None to drop it
 
 
 class FakeApiServer:
@@ -242,6 +258,8 @@ class FakeApiServer:
         self._snapshots: dict[int, _ListSnapshot] = {}
         self._snapshot_ids = itertools.count(1)
         self._forbidden = False
+        self.expire_continue_tokens = False
+        """When set, every ``continue`` token is too old: 410 as after a compaction."""
         self._runner: web.AppRunner | None = None
         self._port = 0
         self.list_requests = 0
@@ -332,6 +350,16 @@ class FakeApiServer:
         for watcher in self._watchers:
             watcher.queue.put_nowait(None)
 
+    def silence_watches(self) -> None:
+        """Make every open watch stream go quiet without closing, like a dropped connection."""
+        for watcher in self._watchers:
+            watcher.silent = True
+
+    def send_raw_event(self, line: bytes) -> None:
+        """Write ``line`` as is to every open watch stream (a corrupt or foreign event)."""
+        for watcher in self._watchers:
+            watcher.queue.put_nowait(line)
+
     def send_bookmarks(self) -> None:
         """Send a BOOKMARK at the current resourceVersion to watches that asked for them."""
         for watcher in self._watchers:
@@ -416,7 +444,7 @@ class FakeApiServer:
             snapshot = self._snapshots.get(snapshot_id)
             if snapshot is None or snapshot.query != query:
                 return _status_response(status_object(400, "BadRequest", "invalid continue token"))
-            if snapshot.rv < self._compacted_rv:
+            if snapshot.rv < self._compacted_rv or self.expire_continue_tokens:
                 self._snapshots.pop(snapshot_id, None)
                 return _status_response(
                     status_object(
@@ -495,7 +523,11 @@ class FakeApiServer:
                     if request.transport is not None:
                         request.transport.abort()
                     return response
-                if isinstance(item, int):
+                if watcher.silent:
+                    continue
+                if isinstance(item, bytes):
+                    await response.write(item)
+                elif isinstance(item, int):
                     bookmark = {
                         "kind": "EndpointSlice",
                         "apiVersion": API_VERSION,

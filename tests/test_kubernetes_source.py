@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -12,10 +14,21 @@ from prometheus_client import REGISTRY as METRICS
 
 from sds.model import Health
 from sds.registry import Registry, SourceStatus
-from sds.sources.kubernetes import KubernetesSource
+from sds.sources.kubernetes import Backoff, KubernetesSource, WatchSettings
 from tests.fake_apiserver import FakeApiServer, endpoint_slice, slice_endpoint
 
 WAIT = 5.0
+FAST = WatchSettings(backoff=Backoff(initial=0.02, maximum=0.2))
+"""Watch settings for tests: quick retries, everything else as in production."""
+
+
+def watch_settings(**changes: Any) -> WatchSettings:
+    """FAST with some settings changed."""
+    return dataclasses.replace(FAST, **changes)
+
+
+def counted(metric: str, **labels: str) -> float:
+    return METRICS.get_sample_value(metric, labels) or 0.0
 
 
 class StartSource(Protocol):
@@ -55,12 +68,7 @@ async def start_source(apiserver: FakeApiServer) -> AsyncIterator[StartSource]:
 
     async def start(*, wait_ready: bool = True, **options: Any) -> Registry:
         registry = Registry()
-        settings: dict[str, Any] = {
-            "kube_api_url": apiserver.url,
-            "backoff_initial": 0.02,
-            "backoff_max": 0.2,
-            **options,
-        }
+        settings: dict[str, Any] = {"kube_api_url": apiserver.url, "watch": FAST, **options}
         tasks.append(asyncio.create_task(KubernetesSource(registry, **settings).run()))
         if wait_ready:
             await eventually(lambda: status(registry).ready)
@@ -102,7 +110,7 @@ async def test_initial_list_reads_every_page(
             endpoint_slice(f"svc{i}-1", "default", f"svc{i}", addresses=[f"10.0.0.{i}"])
         )
 
-    registry = await start_source(page_size=2)
+    registry = await start_source(watch=watch_settings(page_size=2))
 
     assert registry.services() == [f"svc{i}.default" for i in range(5)]
     assert apiserver.list_requests == 3
@@ -430,7 +438,7 @@ async def test_every_listed_namespace_is_watched(
 async def test_stream_ended_by_the_server_is_resumed_without_relisting(
     apiserver: FakeApiServer, start_source: StartSource
 ) -> None:
-    registry = await start_source(watch_timeout=1)
+    registry = await start_source(watch=watch_settings(server_timeout=1))
     await eventually(lambda: apiserver.watches >= 2)
 
     apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"]))
@@ -566,6 +574,131 @@ async def test_changes_made_while_the_api_server_was_away_are_picked_up(
 
     await eventually(lambda: hosts(registry, "users.default") == {("10.0.0.9", 80)})
     assert apiserver.lists == 1
+
+
+# ----- large objects, silent streams, bad events, expired lists -----------------------------
+
+
+def big_slice(name: str, count: int, first: int = 0) -> dict[str, Any]:
+    """A slice of ``count`` endpoints shaped as the controller writes them (pod, node, zone)."""
+    return endpoint_slice(
+        name,
+        "default",
+        "users",
+        endpoints=[
+            slice_endpoint(
+                f"10.1.{n // 250}.{n % 250 + 1}",
+                zone="eu-west-1a",
+                node=f"node-{n % 50:03d}.eu-west-1.compute.internal",
+                pod=f"users-7d9f8c6b5d-{n:05d}",
+            )
+            for n in range(first, first + count)
+        ],
+    )
+
+
+async def test_slice_of_a_thousand_endpoints_is_listed(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    apiserver.apply(big_slice("users-1", 1000))
+
+    registry = await start_source()
+
+    assert len(hosts(registry, "users.default")) == 1000
+
+
+async def test_watch_event_of_a_thousand_endpoints_is_applied_without_relisting(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    registry = await start_source()
+    await eventually(lambda: apiserver.open_watches == 1)
+    big = big_slice("users-1", 1000)
+    assert len(json.dumps({"type": "ADDED", "object": big})) > 128 * 1024
+
+    apiserver.apply(big)
+    apiserver.apply(endpoint_slice("orders-1", "default", "orders", addresses=["10.0.1.1"]))
+
+    await eventually(lambda: hosts(registry, "orders.default") == {("10.0.1.1", 80)})
+    assert len(hosts(registry, "users.default")) == 1000
+    assert apiserver.lists == 1
+    assert apiserver.watches == 1
+
+
+async def test_silent_watch_is_resumed_from_the_last_resource_version(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    registry = await start_source(watch=watch_settings(read_timeout=0.5))
+    seen = apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"]))
+    await eventually(lambda: hosts(registry, "users.default") == {("10.0.0.1", 80)})
+    watches = apiserver.watches
+
+    apiserver.silence_watches()
+    apiserver.apply(endpoint_slice("users-2", "default", "users", addresses=["10.0.0.2"]))
+
+    await eventually(lambda: len(hosts(registry, "users.default")) == 2)
+    assert apiserver.watches == watches + 1
+    assert apiserver.watch_resource_versions[-1] == seen["metadata"]["resourceVersion"]
+    assert apiserver.lists == 1
+
+
+async def test_silent_watch_counts_as_a_restart(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    before = counted("sds_kubernetes_watch_restarts_total", reason="silent")
+    await start_source(watch=watch_settings(read_timeout=0.3))
+    await eventually(lambda: apiserver.open_watches == 1)
+
+    apiserver.silence_watches()
+
+    await eventually(
+        lambda: counted("sds_kubernetes_watch_restarts_total", reason="silent") > before
+    )
+
+
+async def test_undecodable_event_relists_instead_of_retrying_its_version(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"]))
+    registry = await start_source()
+    await eventually(lambda: apiserver.open_watches == 1)
+    stuck_at = apiserver.watch_resource_versions[-1]
+
+    apiserver.send_raw_event(b'{"type":"MODIFIED","object":{"metadata":\xff}}\n')
+    apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.2"]))
+
+    await eventually(lambda: hosts(registry, "users.default") == {("10.0.0.2", 80)})
+    await eventually(lambda: apiserver.watches == 2)
+    assert apiserver.lists == 2
+    assert apiserver.watch_resource_versions[-1] != stuck_at
+
+
+async def test_event_over_the_size_limit_relists(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    registry = await start_source(watch=watch_settings(max_event_bytes=64 * 1024))
+    await eventually(lambda: apiserver.open_watches == 1)
+
+    apiserver.apply(big_slice("users-1", 1000))
+
+    await eventually(lambda: apiserver.lists == 2)
+    await eventually(lambda: len(hosts(registry, "users.default")) == 1000)
+    assert status(registry).ready
+
+
+async def test_expired_continue_token_restarts_the_list_in_one_page(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    for i in range(5):
+        apiserver.apply(
+            endpoint_slice(f"svc{i}-1", "default", f"svc{i}", addresses=[f"10.0.0.{i}"])
+        )
+    apiserver.expire_continue_tokens = True
+
+    registry = await start_source(watch=watch_settings(page_size=2))
+
+    assert registry.services() == [f"svc{i}.default" for i in range(5)]
+    assert apiserver.lists == 2
+    assert apiserver.list_requests == 3  # first page, expired continue, the whole list
 
 
 # ----- RBAC ----------------------------------------------------------------------------------

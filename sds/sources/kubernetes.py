@@ -3,8 +3,12 @@
 It behaves like client-go's reflector: list (paginated), then watch from the list's
 resourceVersion with bookmarks; a stream that ends or drops is resumed from the last
 resourceVersion seen; ``410 Gone`` means that version is compacted away, so it lists again and
-reconciles, which removes services deleted meanwhile. Failures never empty a service: while the
-API server is unreachable or refuses us, the registry keeps the last state we knew.
+reconciles, which removes services deleted meanwhile. A watch stream silent for longer than the
+read timeout (bookmarks arrive about once a minute) is presumed dead and resumed; an event that
+cannot be decoded relists rather than asking for the same resourceVersion again; a list whose
+``continue`` token expired starts over unpaginated, so it always finishes. Failures never empty
+a service: while the API server is unreachable or refuses us, the registry keeps the last state
+we knew. Every timing lives in one :class:`WatchSettings`.
 
 Responses are read raw (``_preload_content=False``) and parsed as plain JSON: building the
 generated model objects for 100,000 endpoints would cost most of the start-up time.
@@ -17,8 +21,8 @@ import json
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiohttp
@@ -41,6 +45,55 @@ _MALFORMED = (KeyError, TypeError, AttributeError, ValueError)
 _MIN_HEALTHY_STREAM = 1.0  # seconds
 
 SliceKey = tuple[str, str]  # (namespace, slice name)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter between failed attempts."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0 for the first retry)."""
+        base = min(self.maximum, self.initial * 2.0 ** min(attempt, 32))
+        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    """How the source lists and watches: every timeout, size and backoff in one place.
+
+    ``read_timeout`` bounds the silence on a watch stream: with bookmarks requested the API
+    server sends something about once a minute, so two minutes of nothing means a dead
+    connection (a NAT or load balancer dropped it without a reset). ``server_timeout`` is the
+    ``timeoutSeconds`` asked of the server, jittered up to twice that (as client-go does) so
+    replicas do not reconnect in step. ``max_event_bytes`` is client-go's limit on one decoded
+    object (16 MiB), far above what etcd can store.
+    """
+
+    read_timeout: float = 120.0
+    server_timeout: int = 300
+    request_timeout: float = 60.0
+    page_size: int = 500
+    max_event_bytes: int = 16 * 1024 * 1024
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class UndecodableEvent(Exception):
+    """A watch event that is not the JSON object it should be: the source lists again."""
+
+
+class EventTooLarge(UndecodableEvent):
+    """A watch event longer than ``WatchSettings.max_event_bytes``."""
+
+
+class WatchSilent(Exception):
+    """Nothing arrived on a watch stream for ``WatchSettings.read_timeout`` seconds."""
+
+
+class ContinueExpired(Exception):
+    """410 on a ``continue`` request: the list's snapshot is gone, the list must restart."""
 
 
 class KubernetesApiError(Exception):
@@ -88,22 +141,14 @@ class KubernetesSource:
         port_name: str = "",
         kube_api_url: str = "",
         kubeconfig: str = "",
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
-        watch_timeout: int = 300,
-        request_timeout: float = 60.0,
-        page_size: int = 500,
+        watch: WatchSettings | None = None,
     ) -> None:
         self._registry = registry
         self._scopes: tuple[str | None, ...] = tuple(dict.fromkeys(namespaces)) or (None,)
         self._port_name = port_name
         self._kube_api_url = kube_api_url.rstrip("/")
         self._kubeconfig = kubeconfig
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._watch_timeout = watch_timeout
-        self._request_timeout = request_timeout
-        self._page_size = page_size
+        self._settings = watch or WatchSettings()
         self._slices: dict[SliceKey, _Slice] = {}
         self._service_slices: dict[str, set[SliceKey]] = {}
         self._synced: set[str | None] = set()
@@ -181,12 +226,22 @@ class KubernetesSource:
                         "resourceVersion expired, listing again",
                         extra={"scope": cursor.where, "resource_version": cursor.resource_version},
                     )
-                    cursor.resource_version = ""
-                    cursor.list_reason = cursor.restart_reason = "gone"
-                    if cursor.attempt == 0:  # relist at once, unless this keeps happening
-                        cursor.attempt = 1
+                    if (delay := self._relist(cursor, "gone")) == 0:
                         continue
-                    delay = self._delay(cursor.attempt)
+            except UndecodableEvent as exc:
+                # The same resourceVersion would replay the same bytes: list instead, and watch
+                # on from the list's version, past the bad event.
+                metrics.API_ERRORS.labels(status="undecodable").inc()
+                log.warning(
+                    "undecodable watch event, listing again",
+                    extra={
+                        "scope": cursor.where,
+                        "error": str(exc),
+                        "resource_version": cursor.resource_version,
+                    },
+                )
+                if (delay := self._relist(cursor, "undecodable")) == 0:
+                    continue
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 delay = self._failed(cursor, exc)
             # A bug must not end discovery: report it loudly and start over with a list.
@@ -197,17 +252,68 @@ class KubernetesSource:
             await asyncio.sleep(delay)
             cursor.attempt += 1
 
+    def _relist(self, cursor: _Cursor, reason: str) -> float:
+        """Forget the resourceVersion; 0 to list at once, else the pause before listing."""
+        cursor.resource_version = ""
+        cursor.list_reason = cursor.restart_reason = reason
+        if cursor.attempt == 0:  # at once, unless this keeps happening
+            cursor.attempt = 1
+            return 0.0
+        return self._delay(cursor.attempt)
+
     async def _list(self, api: client.DiscoveryV1Api, cursor: _Cursor) -> None:
         metrics.RELISTS.labels(reason=cursor.list_reason).inc()
         loop = asyncio.get_running_loop()
         started = loop.time()
+        try:
+            fresh, resource_version = await self._list_pages(api, cursor, self._settings.page_size)
+        except ContinueExpired:
+            # The snapshot behind the continue token was compacted while we paged (a large
+            # list on a busy cluster). Paging again could expire again; one unpaginated list
+            # always finishes, as client-go's pager does.
+            log.info(
+                "continue token expired mid-list, listing again unpaginated",
+                extra={"scope": cursor.where},
+            )
+            metrics.RELISTS.labels(reason="continue_expired").inc()
+            fresh, resource_version = await self._list_pages(api, cursor, 0)
+        changed = self._reconcile(cursor.scope, fresh)
+        cursor.resource_version = resource_version
+        self._synced.add(cursor.scope)
+        self._allowed(cursor)
+        services, endpoints = self._counts()
+        log.info(
+            "listed EndpointSlices",
+            extra={
+                "scope": cursor.where,
+                "reason": cursor.list_reason,
+                "slices": len(fresh),
+                "services": services,
+                "endpoints": endpoints,
+                "changed_services": len(changed),
+                "resource_version": resource_version,
+                "elapsed_s": round(loop.time() - started, 3),
+            },
+        )
+
+    async def _list_pages(
+        self, api: client.DiscoveryV1Api, cursor: _Cursor, page_size: int
+    ) -> tuple[dict[SliceKey, _Slice], str]:
+        """Every slice in scope, and the list's resourceVersion; ``page_size`` 0: one page."""
         fresh: dict[SliceKey, _Slice] = {}
         token = ""
         while True:
-            async with asyncio.timeout(self._request_timeout):
-                response = await self._open(
-                    self._call(api, cursor.scope, limit=self._page_size, _continue=token or None)
-                )
+            async with asyncio.timeout(self._settings.request_timeout):
+                try:
+                    response = await self._open(
+                        self._call(
+                            api, cursor.scope, limit=page_size or None, _continue=token or None
+                        )
+                    )
+                except KubernetesApiError as exc:
+                    if token and exc.status == 410:
+                        raise ContinueExpired(exc.message) from exc
+                    raise
                 try:
                     body = await response.read()
                 finally:
@@ -229,38 +335,25 @@ class KubernetesSource:
         resource_version = metadata.get("resourceVersion") or ""
         if not resource_version:
             raise ValueError("EndpointSlice list without a resourceVersion")
-        changed = self._reconcile(cursor.scope, fresh)
-        cursor.resource_version = resource_version
-        self._synced.add(cursor.scope)
-        self._allowed(cursor)
-        services, endpoints = self._counts()
-        log.info(
-            "listed EndpointSlices",
-            extra={
-                "scope": cursor.where,
-                "reason": cursor.list_reason,
-                "slices": len(fresh),
-                "services": services,
-                "endpoints": endpoints,
-                "changed_services": len(changed),
-                "resource_version": resource_version,
-                "elapsed_s": round(loop.time() - started, 3),
-            },
-        )
+        return fresh, resource_version
 
     async def _watch(self, api: client.DiscoveryV1Api, cursor: _Cursor) -> bool:
-        """Follow one watch stream to its clean end; whether it was a healthy one.
+        """Follow one watch stream to its end; whether it was a healthy one.
 
         A stream that delivered nothing and ended at once is not: the caller then pauses, so a
-        server that keeps closing streams is not hammered.
+        server that keeps closing streams is not hammered. A stream that fell silent for the
+        read timeout is closed and counts as healthy: the caller resumes it at once.
         """
         if cursor.restart_reason:
             metrics.WATCH_RESTARTS.labels(reason=cursor.restart_reason).inc()
         cursor.restart_reason = "error"  # until the stream ends cleanly
+        settings = self._settings
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # The server ends the stream after watch_timeout; the slack covers a dead peer.
-        async with asyncio.timeout(self._watch_timeout + self._request_timeout):
+        server_timeout = int(settings.server_timeout * random.uniform(1.0, 2.0))  # noqa: S311
+        # The server ends the stream after server_timeout; the read timeout catches a dead
+        # peer, and this outer bound a server that trickles bookmarks past its own deadline.
+        async with asyncio.timeout(server_timeout + settings.read_timeout):
             response = await self._open(
                 self._call(
                     api,
@@ -268,17 +361,28 @@ class KubernetesSource:
                     watch=True,
                     resource_version=cursor.resource_version,
                     allow_watch_bookmarks=True,
-                    timeout_seconds=self._watch_timeout,
+                    timeout_seconds=server_timeout,
                 )
             )
             events = 0
             try:
                 self._allowed(cursor)
-                async for line in response.content:
-                    if line.strip():
-                        self._on_event(cursor, json.loads(line))
-                        events += 1
-                        cursor.attempt = 0
+                lines = _lines(response.content, settings.read_timeout, settings.max_event_bytes)
+                async for line in lines:
+                    self._on_event(cursor, _decode(line))
+                    events += 1
+                    cursor.attempt = 0
+            except WatchSilent:
+                log.warning(
+                    "watch stream silent, resuming it",
+                    extra={
+                        "scope": cursor.where,
+                        "silent_s": settings.read_timeout,
+                        "resource_version": cursor.resource_version,
+                    },
+                )
+                cursor.restart_reason = "silent"
+                return True
             finally:
                 response.close()
         cursor.restart_reason = "closed"
@@ -310,6 +414,8 @@ class KubernetesSource:
     def _on_event(self, cursor: _Cursor, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
         obj = event.get("object") or {}
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
+            raise UndecodableEvent("watch event without an object")
         if kind == "ERROR":
             code = obj.get("code")
             raise KubernetesApiError(
@@ -488,8 +594,49 @@ class KubernetesSource:
         self._registry.set_source_status(STATUS_NAME, ready=ready, reason=reason)
 
     def _delay(self, attempt: int) -> float:
-        base = min(self._backoff_max, self._backoff_initial * 2.0 ** min(attempt, 32))
-        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
+        return self._settings.backoff.delay(attempt)
+
+
+async def _lines(
+    stream: aiohttp.StreamReader, read_timeout: float, max_bytes: int
+) -> AsyncIterator[bytes]:
+    """The non-blank lines of a JSON-lines stream, each of any length up to ``max_bytes``.
+
+    aiohttp's own line iterator refuses lines over 128 KiB, and an EndpointSlice of a
+    thousand endpoints is larger. Raises WatchSilent when nothing arrives for
+    ``read_timeout`` seconds, EventTooLarge past ``max_bytes``. An unfinished line at the end
+    is dropped: the stream was cut, and resuming from the last resourceVersion replays it.
+    """
+    buffer = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(read_timeout):
+                chunk = await stream.readany()
+        except TimeoutError:
+            raise WatchSilent from None
+        if not chunk:
+            return
+        scanned = len(buffer)  # only the new bytes can hold a newline
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", scanned)) != -1:
+            line = bytes(buffer[start:end])
+            start = scanned = end + 1
+            if line.strip():
+                yield line
+        del buffer[:start]
+        if len(buffer) > max_bytes:
+            raise EventTooLarge(f"watch event larger than {max_bytes} bytes")
+
+
+def _decode(line: bytes) -> Mapping[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError as exc:  # invalid JSON or UTF-8
+        raise UndecodableEvent(f"{exc} in {line[:100]!r}") from None
+    if not isinstance(event, dict):
+        raise UndecodableEvent(f"watch event is not an object: {line[:100]!r}")
+    return event
 
 
 def _ipv4(text: str) -> str:
