@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sds.model import Source
+from sds.model import IpFamily, Source
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -28,7 +28,15 @@ class Settings(BaseSettings):
     namespace: CommaList = Field(
         default_factory=list, description="Kubernetes namespaces to watch (default: all)"
     )
-    port_name: str = Field("", description="EndpointSlice port to use, by name (default: first)")
+    port_name: str = Field(
+        "",
+        description="EndpointSlice port to use, by name (default: the only one; a service with"
+        " several ports is not served until this says which)",
+    )
+    ip_family: IpFamily = Field(
+        IpFamily.BOTH,
+        description="address family served from EndpointSlices: IPv4, IPv6 or both",
+    )
     kube_api_url: str = Field(
         "", description="API server URL without auth, as `kubectl proxy` gives"
     )

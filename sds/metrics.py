@@ -19,6 +19,10 @@ RELISTS = Counter("sds_kubernetes_relists_total", "Full lists of EndpointSlices"
 WATCH_EVENTS = Counter(
     "sds_kubernetes_watch_events_total", "EndpointSlice watch events received", ["type"]
 )
+AMBIGUOUS_PORT_SERVICES = Gauge(
+    "sds_kubernetes_ambiguous_port_services",
+    "Services not served: several ports and no --port-name to choose one",
+)
 API_ERRORS = Counter("sds_kubernetes_api_errors_total", "Failed Kubernetes API calls", ["status"])
 
 REGISTRATIONS = Counter(

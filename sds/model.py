@@ -22,6 +22,27 @@ class Source(StrEnum):
     REGISTRATION = "registration"
 
 
+class IpFamily(StrEnum):
+    """Which address families of a dual-stack service are served."""
+
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+    BOTH = "both"
+
+    @classmethod
+    def _missing_(cls, value: object) -> IpFamily | None:
+        """Accept any spelling of the case: ``ipv6`` is ``IPv6``."""
+        text = str(value).lower()
+        return next((member for member in cls if member.value.lower() == text), None)
+
+    @property
+    def address_types(self) -> frozenset[str]:
+        """The EndpointSlice ``addressType`` values of this choice."""
+        if self is IpFamily.BOTH:
+            return frozenset({IpFamily.IPV4.value, IpFamily.IPV6.value})
+        return frozenset({self.value})
+
+
 def normalize_ip(text: str) -> str:
     """The canonical text form of an IPv4 or IPv6 address; ValueError when not one."""
     return str(ipaddress.ip_address(text.strip()))

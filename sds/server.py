@@ -70,6 +70,7 @@ class SdsServer:
                 self.registry,
                 namespaces=settings.namespace,
                 port_name=settings.port_name,
+                ip_family=settings.ip_family,
                 kube_api_url=settings.kube_api_url,
                 kubeconfig=settings.kubeconfig,
                 watch=WatchSettings(read_timeout=settings.kube_read_timeout),

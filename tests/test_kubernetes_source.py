@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import pytest
 from prometheus_client import REGISTRY as METRICS
 
-from sds.model import Health
+from sds.model import Health, IpFamily
 from sds.registry import Registry, SourceStatus
 from sds.sources.kubernetes import Backoff, KubernetesSource, WatchSettings
 from tests.fake_apiserver import FakeApiServer, endpoint_slice, slice_endpoint
@@ -248,7 +248,19 @@ async def test_unset_ready_condition_means_healthy(
     assert health(registry, "users.default") == {"10.0.0.1": Health.HEALTHY}
 
 
-async def test_first_port_is_used_without_port_name(
+async def test_only_port_is_used_without_port_name(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    apiserver.apply(
+        endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"], ports=[("", 8080)])
+    )
+
+    registry = await start_source()
+
+    assert hosts(registry, "users.default") == {("10.0.0.1", 8080)}
+
+
+async def test_several_ports_without_port_name_are_not_guessed(
     apiserver: FakeApiServer, start_source: StartSource
 ) -> None:
     apiserver.apply(
@@ -263,7 +275,45 @@ async def test_first_port_is_used_without_port_name(
 
     registry = await start_source()
 
-    assert hosts(registry, "users.default") == {("10.0.0.1", 80)}
+    assert registry.snapshot("users.default").endpoints == ()
+    assert status(registry).ready
+    assert "users.default (admin, http)" in status(registry).reason
+    assert "--port-name" in status(registry).reason
+
+
+async def test_several_ports_without_port_name_are_logged(
+    apiserver: FakeApiServer, start_source: StartSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sds.kubernetes")
+    await start_source()
+
+    apiserver.apply(
+        endpoint_slice(
+            "users-1", "default", "users", addresses=["10.0.0.1"], ports=[("http", 80), (None, 81)]
+        )
+    )
+
+    await eventually(lambda: any("--port-name" in r.getMessage() for r in caplog.records))
+    warning = next(r for r in caplog.records if "--port-name" in r.getMessage())
+    assert warning.__dict__["service"] == "users.default"
+    assert warning.__dict__["ports"] == ["81", "http"]
+
+
+async def test_ambiguity_resolved_clears_the_reason(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    apiserver.apply(
+        endpoint_slice(
+            "users-1", "default", "users", addresses=["10.0.0.1"], ports=[("http", 80), ("a", 1)]
+        )
+    )
+    registry = await start_source()
+    assert status(registry).reason
+
+    apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"]))
+
+    await eventually(lambda: hosts(registry, "users.default") == {("10.0.0.1", 80)})
+    assert status(registry) == SourceStatus(ready=True, reason="")
 
 
 async def test_port_name_selects_that_port(
@@ -343,6 +393,59 @@ async def test_ipv6_slice_addresses_are_normalized(
 
     registry = await start_source()
 
+    assert hosts(registry, "users.default") == {("2001:db8::1", 80)}
+
+
+def dual_stack(apiserver: FakeApiServer) -> None:
+    """A dual-stack service: one slice per address family, as Kubernetes makes them."""
+    apiserver.apply(endpoint_slice("users-v4", "default", "users", addresses=["10.0.0.1"]))
+    apiserver.apply(
+        endpoint_slice(
+            "users-v6", "default", "users", addresses=["2001:db8::1"], address_type="IPv6"
+        )
+    )
+
+
+async def test_dual_stack_serves_both_families_by_default(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    dual_stack(apiserver)
+
+    registry = await start_source()
+
+    assert hosts(registry, "users.default") == {("10.0.0.1", 80), ("2001:db8::1", 80)}
+
+
+@pytest.mark.parametrize(
+    ("family", "served"),
+    [(IpFamily.IPV4, ("10.0.0.1", 80)), (IpFamily.IPV6, ("2001:db8::1", 80))],
+)
+async def test_ip_family_serves_only_that_family(
+    apiserver: FakeApiServer,
+    start_source: StartSource,
+    family: IpFamily,
+    served: tuple[str, int],
+) -> None:
+    dual_stack(apiserver)
+
+    registry = await start_source(ip_family=family)
+
+    assert hosts(registry, "users.default") == {served}
+
+
+async def test_ip_family_applies_to_watched_slices(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    registry = await start_source(ip_family=IpFamily.IPV6)
+
+    dual_stack(apiserver)
+    apiserver.apply(
+        endpoint_slice(
+            "orders-v6", "default", "orders", addresses=["2001:db8::2"], address_type="IPv6"
+        )
+    )
+
+    await eventually(lambda: hosts(registry, "orders.default") == {("2001:db8::2", 80)})
     assert hosts(registry, "users.default") == {("2001:db8::1", 80)}
 
 

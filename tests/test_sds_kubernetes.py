@@ -89,3 +89,27 @@ async def test_missing_rbac_grant_shows_in_readyz_until_granted(
             return (await client.get("/readyz")).status_code == 200
 
         await wait_for(ready, timeout=15)
+
+
+async def test_readyz_names_services_with_several_ports_and_no_port_name(
+    apiserver: FakeApiServer, start_sds: Callable[..., Any]
+) -> None:
+    apiserver.apply(
+        endpoint_slice(
+            "usersvc-abc",
+            "envoymesh",
+            "usersvc",
+            addresses=["10.1.0.1"],
+            ports=[("http", 8080), ("admin", 9901)],
+        )
+    )
+    sds: RunningSds = await start_sds(source=["kubernetes"], kube_api_url=apiserver.url)
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status_code == 200
+
+        await wait_for(ready)
+        reason = (await client.get("/readyz")).json()["sources"]["kubernetes"]["reason"]
+    assert "usersvc.envoymesh (admin, http)" in reason
+    assert "--port-name" in reason

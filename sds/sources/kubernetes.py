@@ -29,7 +29,7 @@ import aiohttp
 from kubernetes_asyncio import client, config
 
 from sds import metrics
-from sds.model import Endpoint, Health, Source, normalize_ip
+from sds.model import Endpoint, Health, IpFamily, Source, normalize_ip
 from sds.registry import Registry
 
 log = logging.getLogger("sds.kubernetes")
@@ -40,7 +40,6 @@ RBAC_HINT = "get, list and watch on endpointslices.discovery.k8s.io"
 
 _HEALTH_RANK = {Health.HEALTHY: 0, Health.DRAINING: 1, Health.UNHEALTHY: 2}
 _EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK"})
-_IP_FAMILIES = frozenset({"IPv4", "IPv6"})
 _MALFORMED = (KeyError, TypeError, AttributeError, ValueError)
 _MIN_HEALTHY_STREAM = 1.0  # seconds
 
@@ -109,6 +108,7 @@ class KubernetesApiError(Exception):
 class _Slice:
     service: str  # canonical name, ``<service>.<namespace>``
     endpoints: tuple[Endpoint, ...]
+    ambiguous_ports: tuple[str, ...] = ()  # several ports and no --port-name: none is used
 
 
 @dataclass(slots=True)
@@ -130,7 +130,11 @@ class KubernetesSource:
     """Keeps the registry's ``kubernetes`` endpoints equal to the cluster's EndpointSlices.
 
     Each Service becomes the registry service ``<service>.<namespace>``; its endpoints are the
-    union of its slices' addresses on the chosen port (by name, else each slice's first port).
+    union of its slices' addresses (of the address families ``ip_family`` allows) on the chosen
+    port: the one named ``port_name``, else the slice's only port. A slice with several ports
+    and no ``port_name`` contributes nothing: Kubernetes does not order them, so taking the first
+    could send traffic to an admin or metrics port. Such services are logged and named in the
+    source's status.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class KubernetesSource:
         *,
         namespaces: Sequence[str] = (),
         port_name: str = "",
+        ip_family: IpFamily = IpFamily.BOTH,
         kube_api_url: str = "",
         kubeconfig: str = "",
         watch: WatchSettings | None = None,
@@ -146,6 +151,7 @@ class KubernetesSource:
         self._registry = registry
         self._scopes: tuple[str | None, ...] = tuple(dict.fromkeys(namespaces)) or (None,)
         self._port_name = port_name
+        self._address_types = ip_family.address_types
         self._kube_api_url = kube_api_url.rstrip("/")
         self._kubeconfig = kubeconfig
         self._settings = watch or WatchSettings()
@@ -153,6 +159,7 @@ class KubernetesSource:
         self._service_slices: dict[str, set[SliceKey]] = {}
         self._synced: set[str | None] = set()
         self._forbidden: dict[str | None, str] = {}
+        self._ambiguous: dict[str, tuple[str, ...]] = {}  # service -> its ports
         self._last_error = ""
         self._status: tuple[bool, str] | None = None
 
@@ -451,6 +458,8 @@ class KubernetesSource:
 
     def _push(self, name: str) -> None:
         self._registry.replace(Source.KUBERNETES, name, self._endpoints_of(name))
+        if self._check_ports(name):
+            self._update_status()
 
     # ----- the slice cache -----------------------------------------------------------------
 
@@ -479,9 +488,37 @@ class KubernetesSource:
             self._drop(key)
         for key, new in fresh.items():
             self._put(key, new)
-        return self._registry.replace_source(
+        changed = self._registry.replace_source(
             Source.KUBERNETES, {name: self._endpoints_of(name) for name in self._service_slices}
         )
+        moved = [n for n in {*self._ambiguous, *self._service_slices} if self._check_ports(n)]
+        if moved:
+            self._update_status()
+        return changed
+
+    def _check_ports(self, name: str) -> bool:
+        """Track whether ``name`` has a slice with several ports and no --port-name to pick
+        one; log when that changes, and return whether it did."""
+        ports = sorted(
+            {
+                p
+                for key in self._service_slices.get(name, ())
+                for p in self._slices[key].ambiguous_ports
+            }
+        )
+        if tuple(ports) == self._ambiguous.get(name, ()):
+            return False
+        if ports:
+            self._ambiguous[name] = tuple(ports)
+            log.warning(
+                "service has several ports and no --port-name picks one: not served",
+                extra={"service": name, "ports": ports},
+            )
+        else:
+            del self._ambiguous[name]
+            log.info("service ports no longer ambiguous", extra={"service": name})
+        metrics.AMBIGUOUS_PORT_SERVICES.set(len(self._ambiguous))
+        return True
 
     def _endpoints_of(self, name: str) -> tuple[Endpoint, ...]:
         """The service's endpoints over all its slices; a duplicate keeps its healthiest."""
@@ -504,12 +541,21 @@ class KubernetesSource:
         service = (metadata.get("labels") or {}).get(SERVICE_NAME_LABEL)
         if not service:
             return (namespace, name), None
-        return (namespace, name), _Slice(f"{service}.{namespace}", self._slice_endpoints(obj))
+        canonical = f"{service}.{namespace}"
+        if obj.get("addressType") not in self._address_types:
+            # FQDN slices name hosts, not addresses Envoy can use; the other family of a
+            # dual-stack service is not wanted.
+            return (namespace, name), _Slice(canonical, ())
+        ports: Sequence[Mapping[str, Any]] = obj.get("ports") or ()
+        if not self._port_name and len(ports) > 1:
+            names = tuple(str(p.get("name") or p.get("port")) for p in ports)
+            return (namespace, name), _Slice(canonical, (), names)
+        return (namespace, name), _Slice(canonical, self._slice_endpoints(obj, ports))
 
-    def _slice_endpoints(self, obj: Mapping[str, Any]) -> tuple[Endpoint, ...]:
-        if obj.get("addressType") not in _IP_FAMILIES:
-            return ()  # FQDN slices name hosts, not addresses Envoy can use
-        port = self._port_of(obj.get("ports") or ())
+    def _slice_endpoints(
+        self, obj: Mapping[str, Any], ports: Sequence[Mapping[str, Any]]
+    ) -> tuple[Endpoint, ...]:
+        port = self._port_of(ports)
         if port is None:
             return ()
         canonical = _ipv4 if obj["addressType"] == "IPv4" else normalize_ip
@@ -533,7 +579,7 @@ class KubernetesSource:
         if self._port_name:
             chosen = next((p for p in ports if p.get("name") == self._port_name), None)
         else:
-            chosen = ports[0] if ports else None
+            chosen = ports[0] if len(ports) == 1 else None
         port = chosen.get("port") if chosen is not None else None
         return int(port) if port is not None else None
 
@@ -576,11 +622,23 @@ class KubernetesSource:
         if self._forbidden:
             self._set_status(False, next(iter(self._forbidden.values())))
         elif len(self._synced) == len(self._scopes):
-            self._set_status(True, "")
+            self._set_status(True, self._ports_reason())
         elif self._last_error:
             self._set_status(False, f"initial list of EndpointSlices failing: {self._last_error}")
         else:
             self._set_status(False, "waiting for the initial list of EndpointSlices")
+
+    def _ports_reason(self) -> str:
+        """The services left unserved for want of --port-name, for /readyz; empty if none."""
+        if not self._ambiguous:
+            return ""
+        shown = [f"{name} ({', '.join(ports)})" for name, ports in sorted(self._ambiguous.items())]
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        return (
+            "not served, several ports and no --port-name to choose one: "
+            + "; ".join(shown[:5])
+            + more
+        )
 
     def _set_status(self, ready: bool, reason: str) -> None:
         if self._status == (ready, reason):
