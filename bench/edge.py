@@ -17,26 +17,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, row, run_load
-from envoymesh.ports import free_port, free_port_block
-from meshctl.mesh import Mesh, MeshSettings
+from meshctl.mesh import Mesh, MeshSettings, free_mesh_ports
 
 
 async def main(duration: float, concurrency: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
-        ports = {
-            name: free_port()
-            for name in (
-                "edge_port",
-                "edge_admin_port",
-                "control_port",
-                "sds_http_port",
-                "sds_grpc_port",
-            )
-        }
-        ports.update(
-            {name: free_port_block(10) for name in ("usersvc_port", "sidecar_port", "admin_base")}
+        mesh = Mesh(
+            MeshSettings(run_dir=Path(tmp), replicas=3, say=lambda _: None, **free_mesh_ports(10))
         )
-        mesh = Mesh(MeshSettings(run_dir=Path(tmp), replicas=3, say=lambda _: None, **ports))
         await mesh.start()
         try:
             async with httpx.AsyncClient(base_url=mesh.edge_url) as client:

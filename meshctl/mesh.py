@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 
 from envoymesh.envoyconf import render
+from envoymesh.ports import free_port, free_port_block
 from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.addresses import ReplicaAddress, loopback_aliases_work, replica_address
 from meshctl.envoy import EnvoyProxy
-from meshctl.postgres import LocalPostgres
+from meshctl.postgres import LocalPostgres, PostgresError
 
 # A component that keeps dying is restarted at most this often.
 RESTART_MIN_INTERVAL = 2.0
@@ -46,6 +47,19 @@ class MeshSettings:
     drain_seconds: float = 1.0
     edge: str = "ads"  # or "rest": how the edge reaches sds
     say: Callable[[str], None] = field(default=print)
+
+
+# The settings that are ports; the per-replica ones are the first of a block of ports.
+PORT_FIELDS = ("edge_port", "edge_admin_port", "control_port", "sds_http_port", "sds_grpc_port")
+REPLICA_PORT_FIELDS = ("usersvc_port", "sidecar_port", "admin_base")
+
+
+def free_mesh_ports(max_replicas: int = 20) -> dict[str, int]:
+    """Ports for one more mesh on this machine (tests, benchmarks): free right now, and room
+    for ``max_replicas`` replicas in each per-replica block."""
+    ports = {name: free_port() for name in PORT_FIELDS}
+    ports.update({name: free_port_block(max_replicas + 1) for name in REPLICA_PORT_FIELDS})
+    return ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +372,13 @@ class Mesh:
                 continue
             async with self._lock:
                 if self.postgres is not None and not self.postgres.running():
-                    self.settings.say("! PostgreSQL died; restarting it")
-                    await self.postgres.start()
+                    self.settings.say("! PostgreSQL stopped; restarting it")
+                    try:
+                        await self.postgres.start()
+                    except (OSError, PostgresError) as exc:
+                        # Backends of a killed server may hold its shared memory a moment
+                        # longer: try again on the next round.
+                        self.settings.say(f"! PostgreSQL failed to restart: {exc}")
                 for component in self.components():
                     if component.running():
                         continue

@@ -208,6 +208,11 @@ class LocalPostgres:
         if self._scratch is not None and not self.running():
             shutil.rmtree(self._scratch, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or the OOM killer would; no shutdown at all."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGKILL)
+
     async def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT): roll back open transactions, flush, exit."""
         proc, self._proc = self._proc, None

@@ -15,28 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from envoymesh.ports import free_port, free_port_block
 from envoymesh.procs import ManagedProcess
-from meshctl.mesh import Mesh, MeshSettings
+from meshctl.mesh import Mesh, MeshSettings, free_mesh_ports
 
 pytestmark = pytest.mark.slow
-
-PORT_FIELDS = (
-    "edge_port",
-    "edge_admin_port",
-    "control_port",
-    "sds_http_port",
-    "sds_grpc_port",
-    "usersvc_port",
-    "sidecar_port",
-    "admin_base",
-)
-
-
-def free_ports() -> dict[str, int]:
-    """Free ports for one mesh; per-replica ports get room for 20 replicas each."""
-    blocks = ("usersvc_port", "sidecar_port", "admin_base")
-    return {name: free_port_block(21) if name in blocks else free_port() for name in PORT_FIELDS}
 
 
 @pytest.fixture
@@ -50,7 +32,7 @@ async def start_mesh(tmp_path: Path, postgres_url: str) -> AsyncIterator[Callabl
             database_url=postgres_url,
             drain_seconds=1.0,
             say=lambda _: None,
-            **free_ports(),
+            **free_mesh_ports(),
         )
         mesh = Mesh(settings)
         meshes.append(mesh)
@@ -181,7 +163,7 @@ async def run(argv: list[str], log: Path, timeout: float = 60) -> tuple[int, str
 async def test_meshctl_demo_walks_the_tutorial_and_exits_zero(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    argv = meshctl("demo", f"--run-dir={tmp_path / 'demo'}", *port_args(free_ports()))
+    argv = meshctl("demo", f"--run-dir={tmp_path / 'demo'}", *port_args(free_mesh_ports()))
     code, output = await run([*argv, f"--database-url={postgres_url}"], tmp_path / "demo.out", 120)
     assert code == 0, output
     assert "each of the 3 replicas answered exactly 4 times" in output
@@ -191,7 +173,7 @@ async def test_meshctl_demo_walks_the_tutorial_and_exits_zero(
 async def test_meshctl_up_scale_status_proxy_status_and_clean_stop(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    ports = free_ports()
+    ports = free_mesh_ports()
     run_dir = tmp_path / "up"
     up = ManagedProcess(
         "meshctl-up",
