@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kubernetes_load.py
 	$(BIN)/python bench/xds_convergence.py
 	$(BIN)/python bench/edge.py
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache run
