@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +27,13 @@ from envoymesh.procs import ManagedProcess, wait_http
 HERE = Path(__file__).resolve().parent
 
 
+# Writes need a token, as in production.
+TOKEN = secrets.token_urlsafe(24)
+
+
 async def register(base: str, service: str, count: int) -> None:
-    async with httpx.AsyncClient(base_url=base) as client:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers) as client:
         for i in range(count):
             ip = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
             tags = json.dumps({"az": f"zone-{i % 3}", "instance_id": f"i-{i}"})
@@ -61,6 +67,7 @@ async def main(duration: float, concurrency: int, rounds: int) -> int:
                 "0",
             ],
             log_path=Path(tmp) / "sds.log",
+            env={"SDS_WRITE_TOKEN": TOKEN},
         )
         await sds.start()
         base = f"http://127.0.0.1:{sds_port}"

@@ -157,6 +157,9 @@ async def _up(settings: MeshSettings) -> int:
             f"  meshctl scale usersvc 5 --run-dir {settings.run_dir}\n"
             f"  meshctl status --run-dir {settings.run_dir}\n"
             f"  meshctl proxy-status --sds {mesh.sds_url}\n"
+            f"Writes to sds need the token in {mesh.write_token_file}:\n"
+            f'  curl -H "Authorization: Bearer $(cat {mesh.write_token_file})"'
+            f" -d load_balancing_weight=50 {mesh.sds_url}/v1/loadbalancing/usersvc\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

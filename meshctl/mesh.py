@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -169,6 +171,7 @@ class Replica:
             "USERSVC_HOST": at.address,
             "USERSVC_PORT": str(at.usersvc_port),
             "USERSVC_SDS_URL": mesh.sds_url,
+            "USERSVC_SDS_TOKEN": mesh.write_token,
             "USERSVC_REGISTER_PORT": str(at.sidecar_port),
             "USERSVC_REGISTER_INTERVAL": str(mesh.heartbeat_interval),
             "USERSVC_DRAIN_SECONDS": str(settings.drain_seconds),
@@ -213,6 +216,10 @@ class Mesh:
         self.postgres: LocalPostgres | None = None
         self.database_url = settings.database_url
         self.sds_url = f"http://127.0.0.1:{settings.sds_http_port}"
+        # Writes to sds need a token even here; this one lives as long as the mesh. In the
+        # environment, not the command line, where `ps` would show it.
+        self.write_token = secrets.token_urlsafe(32)
+        self.write_token_file = self.run_dir / "sds-write-token"
         self.edge_url = f"http://127.0.0.1:{settings.edge_port}"
         self.replicas: dict[int, Replica] = {}
         self.heartbeat_interval = max(settings.host_ttl / 3, 0.5)
@@ -243,8 +250,11 @@ class Mesh:
                     # had the chance to heartbeat again.
                     "--registration-warmup",
                     str(self.heartbeat_interval + 1),
+                    # Every replica lives on a loopback address.
+                    "--allow-loopback",
                 ],
                 log_path=logs / "sds.log",
+                env={"SDS_WRITE_TOKEN": self.write_token},
             ),
         )
         self.edge = _Envoy(
@@ -259,6 +269,13 @@ class Mesh:
                 concurrency=1,
             ),
         )
+
+    def _save_write_token(self) -> None:
+        """Leave the token where the mesh's owner, and only they, can use it with curl."""
+        self.write_token_file.unlink(missing_ok=True)
+        fd = os.open(self.write_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.write_token + "\n")
 
     def _edge_config(self) -> str:
         s = self.settings
@@ -297,6 +314,7 @@ class Mesh:
             await self.postgres.start()
             self.database_url = self.postgres.url
         say("  starting sds ...")
+        await asyncio.to_thread(self._save_write_token)
         await self.sds.start()
         await wait_http(f"{self.sds_url}/healthcheck", timeout=30, process=self.sds.proc)
         # Replicas first: the edge then finds them registered and is ready at once.

@@ -54,7 +54,18 @@ class Settings(BaseSettings):
         description="after start, seconds to wait for heartbeats before empty answers are given",
     )
     write_token: SecretStr | None = Field(
-        None, description="when set, writes need `Authorization: Bearer <token>`"
+        None, description="token for registration writes (`Authorization: Bearer <token>`)"
+    )
+    write_tokens_file: str = Field(
+        "",
+        description="file of `token service-glob[,service-glob...]` lines: tokens scoped to"
+        " services; re-read on SIGHUP",
+    )
+    allow_anonymous_writes: bool = Field(
+        False, description="accept registration writes without a token (not for production)"
+    )
+    allow_loopback: bool = Field(
+        False, description="accept registrations of loopback addresses (one-machine meshes)"
     )
     env: str = Field("production", description="the `env` field of v1 answers (lyft compatible)")
     xds_debounce: float = Field(

@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from sds.api.app import create_app
 from sds.api.registration import registration_router
 from sds.api.v1 import V1Api, V1FastPath
+from sds.api.write_access import TokenFileError, WriteAccess
 from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
@@ -54,12 +55,23 @@ class SdsServer:
             v1.router(),
             xds_rest_router(resources, self.proxies),
         ]
+        self.write_access = WriteAccess(
+            settings.write_token,
+            settings.write_tokens_file,
+            allow_anonymous=settings.allow_anonymous_writes,
+        )
+        self._reload = asyncio.Event()
         if Source.REGISTRATION.value in settings.source:
             registration = RegistrationSource(
-                self.registry, host_ttl=settings.host_ttl, warmup=settings.registration_warmup
+                self.registry,
+                host_ttl=settings.host_ttl,
+                warmup=settings.registration_warmup,
+                allow_loopback=settings.allow_loopback,
             )
-            routers.append(registration_router(registration, settings.write_token))
+            routers.append(registration_router(registration, self.write_access))
             self._jobs["registration"] = registration.run()
+            if settings.write_tokens_file:
+                self._jobs["reload"] = self._reload_on_sighup()
         if Source.KUBERNETES.value in settings.source:
             from sds.sources.kubernetes import (  # noqa: PLC0415 - optional
                 KubernetesSource,
@@ -89,8 +101,44 @@ class SdsServer:
                 access_log=False,
                 lifespan="off",
                 server_header=False,
+                # Client addresses are the peers': X-Forwarded-For counts only where sds
+                # itself decides to trust it.
+                proxy_headers=False,
             )
         )
+
+    def reload(self) -> None:
+        """Re-read what may change while running (the write tokens file); for SIGHUP."""
+        self._reload.set()
+
+    async def _reload_on_sighup(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            try:
+                count = await asyncio.to_thread(self.write_access.reload)
+            except TokenFileError as exc:
+                log.error(
+                    "write tokens not reloaded, the previous ones stay", extra={"error": str(exc)}
+                )
+            else:
+                log.info("write tokens reloaded", extra={"tokens": count})
+
+    def _log_write_policy(self) -> None:
+        if Source.REGISTRATION.value not in self.settings.source:
+            return
+        access = self.write_access
+        if access.allow_anonymous:
+            log.warning(
+                "registration writes need no token (--allow-anonymous-writes): anyone who"
+                " reaches the HTTP port can redirect traffic",
+                extra={"tokens": access.token_count},
+            )
+        elif not access.token_count:
+            log.warning(
+                "registration writes are refused: no write token is configured"
+                " (SDS_WRITE_TOKEN or --write-tokens-file)"
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set or a component fails; then shut everything down."""
@@ -106,9 +154,11 @@ class SdsServer:
                 "sources": self.settings.source,
                 "http": f"{self.settings.http_host}:{self.settings.http_port}",
                 "grpc": f"{self.settings.grpc_host}:{self.settings.grpc_port}",
-                "writes_guarded": self.settings.write_token is not None,
+                "write_tokens": self.write_access.token_count,
+                "anonymous_writes": self.write_access.allow_anonymous,
             },
         )
+        self._log_write_policy()
         try:
             done, _ = await asyncio.wait(
                 {*tasks, http, stopper}, return_when=asyncio.FIRST_COMPLETED
@@ -139,7 +189,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = SdsServer(settings)
+    try:
+        server = SdsServer(settings)
+    except TokenFileError as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        raise SystemExit(2) from None
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     # Everything built so far lives as long as the process: keep the cyclic garbage
     # collector from scanning it again and again under load.
     gc.freeze()

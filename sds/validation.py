@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Any
@@ -29,10 +30,46 @@ def ip_address(value: object) -> str:
     """The canonical form of an IPv4 or IPv6 address, else a 400."""
     if not isinstance(value, str):
         raise bad_request("ip must be a string holding an IPv4 or IPv6 address")
+    if "%" in value:
+        raise bad_request(f"invalid ip {value[:80]!r}: zone indexes (%...) are not accepted")
     try:
         return normalize_ip(value)
     except ValueError:
         raise bad_request(f"invalid ip {value[:80]!r}: not an IPv4 or IPv6 address") from None
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def host_address(value: object, *, allow_loopback: bool = False) -> str:
+    """:func:`ip_address`, refusing addresses no other host could send traffic to.
+
+    Loopback, unspecified, link-local (which includes cloud metadata at 169.254.169.254),
+    multicast and broadcast addresses are refused; ``allow_loopback`` admits loopback for a
+    mesh on one machine. IPv4-mapped IPv6 addresses are judged by the IPv4 address inside.
+    """
+    ip = ip_address(value)
+    parsed = ipaddress.ip_address(ip)
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    if parsed.is_loopback:
+        if allow_loopback:
+            return ip
+        kind = "loopback"
+    elif parsed.is_unspecified:
+        kind = "unspecified"
+    elif parsed.is_link_local:
+        kind = "link-local"
+    elif parsed.is_multicast:
+        kind = "multicast"
+    elif parsed == _BROADCAST:
+        kind = "broadcast"
+    else:
+        return ip
+    hint = (
+        " (start sds with --allow-loopback for a mesh on one machine)" if kind == "loopback" else ""
+    )
+    raise bad_request(f"ip {ip} is a {kind} address, which other hosts cannot reach{hint}")
 
 
 def _integer(value: object, what: str) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from usersvc.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
+
+# Test sds servers guard writes the secure way, with this token; test usersvcs send it.
+SDS_WRITE_TOKEN = secrets.token_urlsafe(24)
+SDS_AUTH = {"authorization": f"Bearer {SDS_WRITE_TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +127,12 @@ async def usersvc_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
             f"usersvc-{len(started)}",
             [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
             log_path=run_dir / f"usersvc-{len(started)}.log",
-            env={"DATABASE_URL": database_url, "USERSVC_DB_TIMEOUT": "2", **(env or {})},
+            env={
+                "DATABASE_URL": database_url,
+                "USERSVC_DB_TIMEOUT": "2",
+                "USERSVC_SDS_TOKEN": SDS_WRITE_TOKEN,
+                **(env or {}),
+            },
         )
         started.append(proc)
         await proc.start()
@@ -168,7 +179,11 @@ class RunningSds:
 
 @pytest.fixture
 async def start_sds() -> AsyncIterator[Callable[..., Any]]:
-    """Start sds servers (HTTP and gRPC on free loopback ports); all stopped at teardown."""
+    """Start sds servers (HTTP and gRPC on free loopback ports); all stopped at teardown.
+
+    Writes need ``SDS_WRITE_TOKEN`` (send ``SDS_AUTH``), and loopback hosts are admitted:
+    every test backend listens on loopback.
+    """
     running: list[RunningSds] = []
 
     async def start(**overrides: Any) -> RunningSds:
@@ -178,6 +193,8 @@ async def start_sds() -> AsyncIterator[Callable[..., Any]]:
             "grpc_host": "127.0.0.1",
             "grpc_port": free_port(),
             "registration_warmup": 0.0,
+            "write_token": SDS_WRITE_TOKEN,
+            "allow_loopback": True,
             **overrides,
         }
         sds = RunningSds(SdsSettings(**values))
@@ -188,6 +205,58 @@ async def start_sds() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for sds in running:
         await sds.stop()
+
+
+@dataclass
+class SdsProcess:
+    """An ``sds`` process started by :func:`sds_process`."""
+
+    proc: ManagedProcess
+    url: str
+    grpc_target: str
+
+    def log(self) -> str:
+        """Everything the process has logged so far."""
+        return self.proc.log_path.read_text()
+
+
+@pytest.fixture
+async def sds_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start real ``sds`` processes on free loopback ports; all stopped at teardown.
+
+    ``start(*flags, env=...)`` adds flags and environment to the loopback addresses and
+    ports; it returns once ``/healthcheck`` answers.
+    """
+    started: list[ManagedProcess] = []
+
+    async def start(*flags: str, env: dict[str, str] | None = None) -> SdsProcess:
+        http, grpc = free_port(), free_port()
+        proc = ManagedProcess(
+            f"sds-{len(started)}",
+            [
+                *(
+                    sys.executable,
+                    "-m",
+                    "sds",
+                    "--http-host",
+                    "127.0.0.1",
+                    "--http-port",
+                    str(http),
+                ),
+                *("--grpc-host", "127.0.0.1", "--grpc-port", str(grpc), *flags),
+            ],
+            log_path=run_dir / f"sds-{len(started)}.log",
+            env={"SDS_REGISTRATION_WARMUP": "0", **(env or {})},
+        )
+        started.append(proc)
+        await proc.start()
+        url = f"http://127.0.0.1:{http}"
+        await wait_http(f"{url}/healthcheck", timeout=20, process=proc)
+        return SdsProcess(proc, url, f"127.0.0.1:{grpc}")
+
+    yield start
+    for proc in started:
+        await proc.stop(timeout=10)
 
 
 @pytest.fixture

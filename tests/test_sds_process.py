@@ -26,6 +26,12 @@ async def test_sds_serves_then_stops_cleanly_on_sigterm(run_dir: Path) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http}") as client:
         denied = await client.post("/v1/registration/usersvc", json={"ip": "10.0.0.1", "port": 80})
         assert denied.status_code == 401
+        allowed = await client.post(
+            "/v1/registration/usersvc",
+            json={"ip": "10.0.0.1", "port": 80},
+            headers={"authorization": "Bearer t0k3n"},
+        )
+        assert allowed.status_code == 200
     proc.send_signal(signal.SIGTERM)
     assert await proc.wait(timeout=15) == 0
     log = proc.log_path.read_text()

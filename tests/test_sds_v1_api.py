@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from sds.model import Endpoint, Health, Source
-from tests.conftest import DATA, RunningSds
+from tests.conftest import DATA, SDS_AUTH, RunningSds
 
 V1_SCHEMA = json.loads((DATA / "envoy-v1-sds.schema.json").read_text())
 
@@ -33,7 +33,7 @@ async def hosts(client: httpx.AsyncClient, service: str) -> list[dict[str, Any]]
 
 @pytest.fixture
 async def client(sds: RunningSds) -> Any:
-    async with httpx.AsyncClient(base_url=sds.url) as http:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as http:
         yield http
 
 
@@ -197,7 +197,7 @@ async def test_hosts_expire_after_ttl_without_any_read(
     start_sds: Callable[..., Any],
 ) -> None:
     sds: RunningSds = await start_sds(host_ttl=0.3)
-    async with httpx.AsyncClient(base_url=sds.url) as client:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
         await client.post("/v1/registration/usersvc", data=lyft_form("10.0.0.1"))
         await client.post("/v1/registration/usersvc", data=lyft_form("10.0.0.2"))
         assert len(sds.registry.snapshot("usersvc").endpoints) == 2
@@ -384,7 +384,7 @@ async def test_unknown_route_and_method_are_json_errors(client: httpx.AsyncClien
 async def test_etag_means_the_same_hosts_on_any_sds(start_sds: Callable[..., Any]) -> None:
     first: RunningSds = await start_sds()
     second: RunningSds = await start_sds()
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=SDS_AUTH) as client:
         for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
             await client.post(f"{first.url}/v1/registration/usersvc", data=lyft_form(ip))
         for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.4"):

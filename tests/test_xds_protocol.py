@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from sds.model import Endpoint, Health, Source
 from sds.xds.resources import EDS_TYPE_URL
-from tests.conftest import RunningSds
+from tests.conftest import SDS_AUTH, RunningSds
 from tests.xds_client import XdsClient, addresses, assignments
 
 CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -108,7 +108,7 @@ async def test_change_to_an_unsubscribed_service_sends_nothing(
 async def test_heartbeat_only_change_sends_nothing(
     fast_sds: RunningSds, open_client: Callable[..., XdsClient]
 ) -> None:
-    async with httpx.AsyncClient(base_url=fast_sds.url) as http:
+    async with httpx.AsyncClient(base_url=fast_sds.url, headers=SDS_AUTH) as http:
         await http.post("/v1/registration/usersvc", json={"ip": "10.0.0.1", "port": 80})
         client = open_client()
         client.send(resource_names=["usersvc"])
@@ -174,7 +174,7 @@ async def test_nack_is_recorded_and_not_retried(
     response = await client.receive()
     client.nack(response, "bad endpoint", resource_names=["usersvc"])
     await client.expect_silence()
-    async with httpx.AsyncClient(base_url=fast_sds.url) as http:
+    async with httpx.AsyncClient(base_url=fast_sds.url, headers=SDS_AUTH) as http:
         [proxy] = (await http.get("/debug/proxies")).json()["proxies"]
         metrics = (await http.get("/metrics")).text
     assert proxy["node_id"] == "nacker"
@@ -368,7 +368,7 @@ async def test_rest_answers_then_304_while_current(fast_sds: RunningSds) -> None
         "resource_names": ["usersvc"],
         "type_url": EDS_TYPE_URL,
     }
-    async with httpx.AsyncClient(base_url=fast_sds.url) as http:
+    async with httpx.AsyncClient(base_url=fast_sds.url, headers=SDS_AUTH) as http:
         first = await http.post("/v3/discovery:endpoints", json=request)
         assert first.status_code == 200
         body = first.json()
@@ -392,7 +392,7 @@ async def test_rest_answers_then_304_while_current(fast_sds: RunningSds) -> None
 
 async def test_rest_accepts_camel_case_requests(fast_sds: RunningSds) -> None:
     put(fast_sds, "usersvc", "10.0.0.1:80")
-    async with httpx.AsyncClient(base_url=fast_sds.url) as http:
+    async with httpx.AsyncClient(base_url=fast_sds.url, headers=SDS_AUTH) as http:
         response = await http.post(
             "/v3/discovery:endpoints",
             json={"resourceNames": ["usersvc"], "typeUrl": EDS_TYPE_URL, "versionInfo": ""},
@@ -407,7 +407,7 @@ async def test_rest_accepts_camel_case_requests(fast_sds: RunningSds) -> None:
     ids=["malformed", "wrong-type", "other-type-url"],
 )
 async def test_rest_bad_request_is_400_with_message(fast_sds: RunningSds, body: bytes) -> None:
-    async with httpx.AsyncClient(base_url=fast_sds.url) as http:
+    async with httpx.AsyncClient(base_url=fast_sds.url, headers=SDS_AUTH) as http:
         response = await http.post(
             "/v3/discovery:endpoints", content=body, headers={"content-type": "application/json"}
         )
@@ -463,7 +463,7 @@ async def test_rest_and_v1_say_503_for_unlearned_services_during_warmup(
     start_sds: Callable[..., Any],
 ) -> None:
     sds: RunningSds = await start_sds(registration_warmup=30.0)
-    async with httpx.AsyncClient(base_url=sds.url) as http:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as http:
         rest = await http.post(
             "/v3/discovery:endpoints", json={"resource_names": ["ghost"], "type_url": EDS_TYPE_URL}
         )

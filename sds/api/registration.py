@@ -1,20 +1,19 @@
 """Write routes of the v1 API; they feed the registration source, never the registry.
 
-Bodies may be lyft/discovery's form fields or the same fields as a JSON object. When a write
-token is configured every write needs ``Authorization: Bearer <token>``.
+Bodies may be lyft/discovery's form fields or the same fields as a JSON object. Every write
+needs a bearer token that may write the service (see :mod:`sds.api.write_access`).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import SecretStr
 
 from sds import validation
+from sds.api.write_access import WriteAccess
 from sds.errors import ApiError, bad_request
 from sds.sources.registration import Host, RegistrationSource
 
@@ -47,16 +46,11 @@ def _host_json(host: Host) -> dict[str, Any]:
     }
 
 
-def registration_router(source: RegistrationSource, write_token: SecretStr | None) -> APIRouter:
-    """POST/DELETE registration and load-balancing routes, guarded by the write token."""
+def registration_router(source: RegistrationSource, access: WriteAccess) -> APIRouter:
+    """POST/DELETE registration and load-balancing routes, each write checked by ``access``."""
 
     async def authorize(request: Request) -> None:
-        if write_token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        expected = write_token.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise ApiError(401, "a valid 'Authorization: Bearer <token>' is required for writes")
+        access.check(request.headers.get("authorization"), request.path_params.get("service", ""))
 
     router = APIRouter(tags=["v1 registration"], dependencies=[Depends(authorize)])
 

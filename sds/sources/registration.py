@@ -65,8 +65,10 @@ class RegistrationSource:
         host_ttl: float,
         warmup: float = 0.0,
         sweep_interval: float | None = None,
+        allow_loopback: bool = False,
     ) -> None:
         self._registry = registry
+        self._allow_loopback = allow_loopback
         self._ttl = host_ttl
         self._warmup = warmup
         self._sweep_interval = sweep_interval or min(max(host_ttl / 10, 0.05), 30.0)
@@ -112,7 +114,7 @@ class RegistrationSource:
         service = validation.service_name(service)
         if "ip" not in fields or "port" not in fields:
             raise ApiError(400, "ip and port are required")
-        ip = validation.ip_address(fields["ip"])
+        ip = validation.host_address(fields["ip"], allow_loopback=self._allow_loopback)
         port = validation.port(fields["port"])
         tags = validation.tags(fields.get("tags"))
         revision = validation.short_text(fields.get("revision"), "revision")

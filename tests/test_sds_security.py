@@ -1,0 +1,252 @@
+"""sds refuses strangers: who may write, which addresses may be registered."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SDS_AUTH, RunningSds, SdsProcess
+
+HOST = {"ip": "10.0.0.1", "port": 80}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def registered(client: httpx.AsyncClient, service: str) -> list[str]:
+    hosts = (await client.get(f"/v1/registration/{service}")).json()["hosts"]
+    return [f"{h['ip_address']}:{h['port']}" for h in hosts]
+
+
+# ----- writes -------------------------------------------------------------------------------
+
+
+async def test_without_a_token_writes_are_refused_with_the_fix_named(
+    sds_process: Callable[..., Any],
+) -> None:
+    sds: SdsProcess = await sds_process()
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        writes = [
+            client.post("/v1/registration/usersvc", json=HOST),
+            client.post("/v1/registration/usersvc", json=HOST, headers=bearer("guess")),
+            client.delete("/v1/registration/usersvc/10.0.0.1"),
+            client.delete("/v1/registration/usersvc/10.0.0.1/80"),
+            client.post("/v1/loadbalancing/usersvc", json={"load_balancing_weight": 5}),
+            client.post("/v1/loadbalancing/usersvc/10.0.0.1", json={"load_balancing_weight": 5}),
+        ]
+        for response in await asyncio.gather(*writes):
+            assert response.status_code == 403
+            assert response.headers["content-type"] == "application/json"
+            error = response.json()["error"]
+            assert "SDS_WRITE_TOKEN" in error
+            assert "--allow-anonymous-writes" in error
+        assert await registered(client, "usersvc") == []
+    assert "registration writes are refused" in sds.log()
+
+
+async def test_reads_stay_open_without_a_token(sds_process: Callable[..., Any]) -> None:
+    sds: SdsProcess = await sds_process()
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        assert (await client.get("/v1/registration/usersvc")).status_code == 200
+        assert (await client.post("/v3/discovery:endpoints", json={})).status_code == 200
+        assert (await client.get("/debug/proxies")).status_code == 200
+
+
+async def test_anonymous_writes_need_the_opt_out_and_log_a_warning(
+    sds_process: Callable[..., Any],
+) -> None:
+    sds: SdsProcess = await sds_process(env={"SDS_ALLOW_ANONYMOUS_WRITES": "1"})
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        assert (await client.post("/v1/registration/usersvc", json=HOST)).status_code == 200
+        assert await registered(client, "usersvc") == ["10.0.0.1:80"]
+    assert '"level":"warning"' in sds.log()
+    assert "--allow-anonymous-writes" in sds.log()
+
+
+async def test_a_token_presented_with_the_opt_out_must_still_be_valid(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(allow_anonymous_writes=True)
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        wrong = await client.post("/v1/registration/usersvc", json=HOST, headers=bearer("nope"))
+        assert wrong.status_code == 401
+        assert (await client.post("/v1/registration/usersvc", json=HOST)).status_code == 200
+        ok = await client.post("/v1/registration/usersvc", json=HOST, headers=SDS_AUTH)
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["", "Bearer", "Basic dXNlcjpwYXNz", "Bearer wrong", "bearer almost-the-token"],
+)
+async def test_a_missing_or_wrong_token_is_401(sds: RunningSds, authorization: str) -> None:
+    headers = {"authorization": authorization} if authorization else {}
+    async with httpx.AsyncClient(base_url=sds.url, headers=headers) as client:
+        response = await client.post("/v1/registration/usersvc", json=HOST)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer" in response.json()["error"]
+        assert await registered(client, "usersvc") == []
+
+
+TOKENS = """\
+# team tokens
+orders-token-0123456789 orders-*
+search-token-0123456789 search,search-canary
+admin-token-0123456789  *
+"""
+
+
+async def test_scoped_tokens_write_only_their_services(
+    start_sds: Callable[..., Any], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS)
+    sds: RunningSds = await start_sds(write_token=None, write_tokens_file=str(tokens))
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+
+        async def post(service: str, token: str) -> int:
+            response = await client.post(
+                f"/v1/registration/{service}", json=HOST, headers=bearer(token)
+            )
+            return response.status_code
+
+        assert await post("orders-api", "orders-token-0123456789") == 200
+        assert await post("search-canary", "search-token-0123456789") == 200
+        assert await post("usersvc", "admin-token-0123456789") == 200
+        refused = await client.post(
+            "/v1/registration/search", json=HOST, headers=bearer("orders-token-0123456789")
+        )
+        assert refused.status_code == 403
+        assert "may not write service 'search'" in refused.json()["error"]
+        assert await post("search-api", "search-token-0123456789") == 403
+        deleted = await client.delete(
+            "/v1/registration/orders-api/10.0.0.1", headers=bearer("search-token-0123456789")
+        )
+        assert deleted.status_code == 403
+        assert await registered(client, "orders-api") == ["10.0.0.1:80"]
+        assert await registered(client, "search") == []
+
+
+async def test_tokens_file_is_reread_on_sighup_and_tokens_never_logged(
+    sds_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("first-token-0123456789 usersvc\n")
+    sds: SdsProcess = await sds_process("--write-tokens-file", str(tokens))
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        first = await client.post(
+            "/v1/registration/usersvc", json=HOST, headers=bearer("first-token-0123456789")
+        )
+        assert first.status_code == 200
+        tokens.write_text("second-token-0123456789 usersvc\n")
+        sds.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while "write tokens reloaded" not in sds.log():
+                await asyncio.sleep(0.05)
+        old = await client.post(
+            "/v1/registration/usersvc", json=HOST, headers=bearer("first-token-0123456789")
+        )
+        new = await client.post(
+            "/v1/registration/usersvc", json=HOST, headers=bearer("second-token-0123456789")
+        )
+        assert (old.status_code, new.status_code) == (401, 200)
+
+        tokens.write_text("third-token-0123456789\n")  # no glob: refused, the old ones stay
+        sds.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while "write tokens not reloaded" not in sds.log():
+                await asyncio.sleep(0.05)
+        still = await client.post(
+            "/v1/registration/usersvc", json=HOST, headers=bearer("second-token-0123456789")
+        )
+        assert still.status_code == 200
+    log = sds.log()
+    assert f"{tokens}:1" in log
+    for token in ("first-token", "second-token", "third-token"):
+        assert token not in log
+
+
+async def test_a_bad_tokens_file_stops_the_start_with_its_line(
+    sds_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# comment\nsecret-token-0123456789 orders/../*\n")
+    with pytest.raises(RuntimeError):
+        await sds_process("--write-tokens-file", str(tokens))
+    log = (tmp_path / "run" / "sds-0.log").read_text()
+    assert f"{tokens}:2" in log
+    assert "secret-token" not in log
+
+
+# ----- addresses ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ip", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.9.9.9", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+    ],
+)
+async def test_unreachable_addresses_are_refused(
+    start_sds: Callable[..., Any], ip: str, kind: str
+) -> None:
+    sds: RunningSds = await start_sds(allow_loopback=False)
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post("/v1/registration/usersvc", json={"ip": ip, "port": 80})
+        assert response.status_code == 400
+        assert f"{kind} address" in response.json()["error"]
+        assert await registered(client, "usersvc") == []
+
+
+async def test_loopback_refusal_names_the_flag(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(allow_loopback=False)
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post("/v1/registration/usersvc", json={"ip": "::1", "port": 80})
+        assert "--allow-loopback" in response.json()["error"]
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1"])
+async def test_allow_loopback_admits_loopback_only(sds: RunningSds, ip: str) -> None:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        assert (
+            await client.post("/v1/registration/usersvc", json={"ip": ip, "port": 80})
+        ).is_success
+        for other in ("0.0.0.0", "169.254.169.254", "224.0.0.1"):
+            refused = await client.post("/v1/registration/usersvc", json={"ip": other, "port": 80})
+            assert refused.status_code == 400
+        assert len(await registered(client, "usersvc")) == 1
+
+
+@pytest.mark.parametrize("ip", ["10.1.2.3", "192.168.0.7", "8.8.8.8", "fd00::7", "2001:db8::1"])
+async def test_routable_addresses_are_accepted(start_sds: Callable[..., Any], ip: str) -> None:
+    sds: RunningSds = await start_sds(allow_loopback=False)
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post("/v1/registration/usersvc", json={"ip": ip, "port": 80})
+        assert response.status_code == 200
+
+
+async def test_zone_indexes_are_refused(sds: RunningSds) -> None:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post(
+            "/v1/registration/usersvc", json={"ip": "fd00::1%eth0", "port": 80}
+        )
+        assert response.status_code == 400
+        assert "zone" in response.json()["error"]
