@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     allow_loopback: bool = Field(
         False, description="accept registrations of loopback addresses (one-machine meshes)"
     )
+    max_tags: int = Field(32, ge=0, description="tags a registered host may carry")
+    max_tag_key_bytes: int = Field(64, ge=1, description="UTF-8 bytes of a tag name")
+    max_tag_value_bytes: int = Field(256, ge=1, description="UTF-8 bytes of a tag value")
+    max_field_bytes: int = Field(
+        256, ge=1, description="UTF-8 bytes of a registration's revision and service_repo_name"
+    )
+    max_hosts_per_service: int = Field(
+        10_000, ge=1, description="registered hosts (ip, port) one service may have"
+    )
+    max_services: int = Field(10_000, ge=1, description="services registration may create")
     env: str = Field("production", description="the `env` field of v1 answers (lyft compatible)")
     xds_debounce: float = Field(
         0.01, ge=0, description="seconds to coalesce registry changes before pushing xDS"

@@ -20,7 +20,8 @@ from sds.api.write_access import TokenFileError, WriteAccess
 from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
-from sds.sources.registration import RegistrationSource
+from sds.sources.registration import RegistrationLimits, RegistrationSource
+from sds.validation import TagLimits
 from sds.xds.grpc_server import start_grpc_server
 from sds.xds.proxies import ProxyTracker
 from sds.xds.resources import ResourceCache
@@ -66,7 +67,17 @@ class SdsServer:
                 self.registry,
                 host_ttl=settings.host_ttl,
                 warmup=settings.registration_warmup,
-                allow_loopback=settings.allow_loopback,
+                limits=RegistrationLimits(
+                    allow_loopback=settings.allow_loopback,
+                    tags=TagLimits(
+                        max_tags=settings.max_tags,
+                        max_key_bytes=settings.max_tag_key_bytes,
+                        max_value_bytes=settings.max_tag_value_bytes,
+                    ),
+                    max_field_bytes=settings.max_field_bytes,
+                    max_hosts_per_service=settings.max_hosts_per_service,
+                    max_services=settings.max_services,
+                ),
             )
             routers.append(registration_router(registration, self.write_access))
             self._jobs["registration"] = registration.run()

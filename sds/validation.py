@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from sds.errors import bad_request
@@ -98,19 +99,38 @@ def weight(value: object) -> int:
     return number
 
 
-def short_text(value: object, what: str, limit: int = 256) -> str:
-    """A string of at most ``limit`` characters, else a 400."""
+def text(value: object, what: str, max_bytes: int, flag: str) -> str:
+    """Clean text of at most ``max_bytes`` UTF-8 bytes (numbers become text), else a 400.
+
+    Clean: no NUL and no lone surrogate (JSON's ``\\ud800`` escape makes one), so whatever is
+    stored can be served back as valid UTF-8.
+    """
     if value is None:
         return ""
-    if not isinstance(value, str) and not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise bad_request(f"{what} must be a string")
-    text = str(value)
-    if len(text) > limit:
-        raise bad_request(f"{what} is longer than {limit} characters")
-    return text
+    result = str(value)
+    if "\x00" in result:
+        raise bad_request(f"{what} contains a NUL character")
+    try:
+        size = len(result.encode())
+    except UnicodeEncodeError:
+        raise bad_request(f"{what} is not valid Unicode (a lone surrogate)") from None
+    if size > max_bytes:
+        raise bad_request(f"{what} is {size} bytes, over the {max_bytes} allowed ({flag})")
+    return result
 
 
-def tags(value: object) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class TagLimits:
+    """How many tags a host may carry, and how long their names and values may be."""
+
+    max_tags: int = 32
+    max_key_bytes: int = 64
+    max_value_bytes: int = 256
+
+
+def tags(value: object, limits: TagLimits = TagLimits()) -> dict[str, Any]:
     """Tags as lyft sent them (a JSON string) or as an object; checked and normalised."""
     if value is None or value == "":
         return {}
@@ -121,10 +141,11 @@ def tags(value: object) -> dict[str, Any]:
             raise bad_request("Invalid json supplied in tags") from None
     if not isinstance(value, dict):
         raise bad_request("tags must be a JSON object")
+    if len(value) > limits.max_tags:
+        raise bad_request(f"{len(value)} tags, over the {limits.max_tags} allowed (--max-tags)")
     checked: dict[str, Any] = {}
     for key, item in value.items():
-        if len(key) > 64:
-            raise bad_request("tag names are at most 64 characters")
+        text(key, "a tag name", limits.max_key_bytes, "--max-tag-key-bytes")
         if key == "canary":
             flag = item.lower() == "true" if isinstance(item, str) else item
             if not isinstance(flag, bool) or (
@@ -135,5 +156,7 @@ def tags(value: object) -> dict[str, Any]:
         elif key == "load_balancing_weight":
             checked[key] = weight(item)
         else:
-            checked[key] = short_text(item, f"tag {key}")
+            checked[key] = text(
+                item, f"tag {key[:64]!r}", limits.max_value_bytes, "--max-tag-value-bytes"
+            )
     return checked

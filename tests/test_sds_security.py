@@ -250,3 +250,129 @@ async def test_zone_indexes_are_refused(sds: RunningSds) -> None:
         )
         assert response.status_code == 400
         assert "zone" in response.json()["error"]
+
+
+# ----- bounds -------------------------------------------------------------------------------
+
+
+async def host_of(client: httpx.AsyncClient, service: str) -> dict[str, Any]:
+    [host] = (await client.get(f"/v1/registration/{service}")).json()["hosts"]
+    result: dict[str, Any] = host
+    return result
+
+
+def many_tags(count: int, prefix: str = "t") -> dict[str, str]:
+    return {f"{prefix}{i}": "v" for i in range(count)}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tags": many_tags(33)}, "33 tags, over the 32 allowed (--max-tags)"),
+        ({"tags": {"k" * 65: "v"}}, "65 bytes, over the 64 allowed (--max-tag-key-bytes)"),
+        ({"tags": {"é" * 33: "v"}}, "66 bytes, over the 64 allowed"),
+        ({"tags": {"k": "v" * 257}}, "257 bytes, over the 256 allowed (--max-tag-value-bytes)"),
+        ({"tags": {"k": "€" * 86}}, "258 bytes, over the 256 allowed"),
+        ({"tags": {"k": {"nested": 1}}}, "must be a string"),
+        (
+            {"revision": "r" * 257},
+            "revision is 257 bytes, over the 256 allowed (--max-field-bytes)",
+        ),
+        ({"service_repo_name": "x" * 300}, "service_repo_name is 300 bytes"),
+    ],
+)
+async def test_oversized_fields_are_400_naming_the_flag(
+    sds: RunningSds, fields: dict[str, Any], message: str
+) -> None:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post("/v1/registration/usersvc", json={**HOST, **fields})
+        assert response.status_code == 400
+        assert message in response.json()["error"]
+        assert await registered(client, "usersvc") == []
+
+
+async def test_fields_at_their_bounds_are_accepted(sds: RunningSds) -> None:
+    fields = {
+        "tags": {**many_tags(31), "k" * 64: "v" * 256},
+        "revision": "r" * 256,
+        "service_repo_name": "é" * 128,
+    }
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post("/v1/registration/usersvc", json={**HOST, **fields})
+        assert response.status_code == 200
+        host = await host_of(client, "usersvc")
+        assert host["revision"] == "r" * 256
+        assert host["tags"]["k" * 64] == "v" * 256
+
+
+async def test_a_refused_write_leaves_the_host_as_it_was(sds: RunningSds) -> None:
+    first = {**HOST, "revision": "r1", "service_repo_name": "repo", "tags": many_tags(30)}
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        assert (await client.post("/v1/registration/usersvc", json=first)).status_code == 200
+        before = await client.get("/v1/registration/usersvc")
+        refused = [
+            {**HOST, "revision": "r2", "tags": many_tags(3, prefix="new")},
+            {**HOST, "revision": "r2", "tags": {"t0": "changed", "bad": "x" * 300}},
+            {**HOST, "revision": "r2", "service_repo_name": "y" * 257},
+            {**HOST, "revision": "r" * 257, "tags": {"t0": "changed"}},
+        ]
+        for body in refused:
+            response = await client.post("/v1/registration/usersvc", json=body)
+            assert response.status_code == 400, body
+        after = await client.get(
+            "/v1/registration/usersvc", headers={"if-none-match": before.headers["etag"]}
+        )
+        assert after.status_code == 304
+        host = await host_of(client, "usersvc")
+        assert (host["revision"], host["service_repo_name"]) == ("r1", "repo")
+        assert host["tags"]["t0"] == "v"
+        assert "new0" not in host["tags"]
+
+
+async def test_hosts_per_service_are_bounded(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(max_hosts_per_service=3)
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+
+        async def post(ip: str) -> httpx.Response:
+            return await client.post("/v1/registration/usersvc", json={"ip": ip, "port": 80})
+
+        for i in range(1, 4):
+            assert (await post(f"10.0.0.{i}")).status_code == 200
+        full = await post("10.0.0.4")
+        assert full.status_code == 409
+        assert "--max-hosts-per-service" in full.json()["error"]
+        assert (await post("10.0.0.1")).status_code == 200  # a heartbeat still works
+        assert (await client.post("/v1/registration/other", json=HOST)).status_code == 200
+        await client.delete("/v1/registration/usersvc/10.0.0.2")
+        assert (await post("10.0.0.4")).status_code == 200
+        assert await registered(client, "usersvc") == ["10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80"]
+
+
+async def test_registered_services_are_bounded(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(max_services=2)
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        for name in ("one", "two"):
+            assert (await client.post(f"/v1/registration/{name}", json=HOST)).status_code == 200
+        full = await client.post("/v1/registration/three", json=HOST)
+        assert full.status_code == 409
+        assert "--max-services" in full.json()["error"]
+        more = await client.post("/v1/registration/two", json={"ip": "10.0.0.2", "port": 80})
+        assert more.status_code == 200
+        await client.delete("/v1/registration/one/10.0.0.1")
+        assert (await client.post("/v1/registration/three", json=HOST)).status_code == 200
+        assert await registered(client, "three") == ["10.0.0.1:80"]
+
+
+async def test_bounds_are_set_by_flags(sds_process: Callable[..., Any]) -> None:
+    sds: SdsProcess = await sds_process(
+        "--max-tags", "1", "--max-field-bytes", "4", env={"SDS_WRITE_TOKEN": "flag-token"}
+    )
+    async with httpx.AsyncClient(base_url=sds.url, headers=bearer("flag-token")) as client:
+        two = await client.post("/v1/registration/usersvc", json={**HOST, "tags": many_tags(2)})
+        assert two.status_code == 400
+        long = await client.post("/v1/registration/usersvc", json={**HOST, "revision": "12345"})
+        assert long.status_code == 400
+        ok = await client.post(
+            "/v1/registration/usersvc", json={**HOST, "tags": many_tags(1), "revision": "1234"}
+        )
+        assert ok.status_code == 200

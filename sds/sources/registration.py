@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +56,17 @@ class Host:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class RegistrationLimits:
+    """What self-registration accepts; every bound has a flag (see :mod:`sds.config`)."""
+
+    allow_loopback: bool = False
+    tags: validation.TagLimits = field(default_factory=validation.TagLimits)
+    max_field_bytes: int = 256  # revision and service_repo_name
+    max_hosts_per_service: int = 10_000
+    max_services: int = 10_000
+
+
 class RegistrationSource:
     """Accepts registrations, heartbeats and removals; expires silent hosts."""
 
@@ -65,14 +77,15 @@ class RegistrationSource:
         host_ttl: float,
         warmup: float = 0.0,
         sweep_interval: float | None = None,
-        allow_loopback: bool = False,
+        limits: RegistrationLimits | None = None,
     ) -> None:
         self._registry = registry
-        self._allow_loopback = allow_loopback
+        self._limits = limits or RegistrationLimits()
         self._ttl = host_ttl
         self._warmup = warmup
         self._sweep_interval = sweep_interval or min(max(host_ttl / 10, 0.05), 30.0)
         self._hosts: dict[tuple[str, str, int], Host] = {}
+        self._per_service: Counter[str] = Counter()
 
     async def run(self) -> None:
         """Warm up, then expire hosts whose last check-in is older than the TTL, until cancelled.
@@ -100,6 +113,7 @@ class RegistrationSource:
         expired = [key for key, host in self._hosts.items() if host.seen < deadline]
         for key in expired:
             host = self._hosts.pop(key)
+            self._forget(host.service)
             self._registry.remove(Source.REGISTRATION, host.service, host.ip, host.port)
             log.info(
                 "host expired",
@@ -110,22 +124,37 @@ class RegistrationSource:
         return len(expired)
 
     def register(self, service: str, fields: dict[str, Any]) -> Host:
-        """Register or heartbeat a host from lyft-style fields; tags merge on re-post."""
+        """Register or heartbeat a host from lyft-style fields; tags merge on re-post.
+
+        Everything is checked before anything changes: a refused write leaves the host as
+        it was.
+        """
+        limits = self._limits
         service = validation.service_name(service)
         if "ip" not in fields or "port" not in fields:
             raise ApiError(400, "ip and port are required")
-        ip = validation.host_address(fields["ip"], allow_loopback=self._allow_loopback)
+        ip = validation.host_address(fields["ip"], allow_loopback=limits.allow_loopback)
         port = validation.port(fields["port"])
-        tags = validation.tags(fields.get("tags"))
-        revision = validation.short_text(fields.get("revision"), "revision")
-        repo = validation.short_text(fields.get("service_repo_name"), "service_repo_name")
+        tags = validation.tags(fields.get("tags"), limits.tags)
+        size, flag = limits.max_field_bytes, "--max-field-bytes"
+        revision = validation.text(fields.get("revision"), "revision", size, flag)
+        repo = validation.text(fields.get("service_repo_name"), "service_repo_name", size, flag)
 
         key = (service, ip, port)
         host = self._hosts.get(key)
+        merged = len((host.tags if host else {}).keys() | tags.keys())
+        if merged > limits.tags.max_tags:
+            raise ApiError(
+                400,
+                f"the host would carry {merged} tags, over the {limits.tags.max_tags}"
+                " allowed (--max-tags)",
+            )
         kind = "heartbeat"
         if host is None:
+            self._check_room(service)
             host = Host(service=service, ip=ip, port=port)
             self._hosts[key] = host
+            self._per_service[service] += 1
             kind = "new"
         host.tags.update(tags)
         if revision:
@@ -152,10 +181,33 @@ class RegistrationSource:
             raise ApiError(404, f"no host {ip}{f':{port}' if port else ''} in service {service}")
         for key in doomed:
             del self._hosts[key]
+            self._forget(service)
         self._registry.remove(Source.REGISTRATION, service, ip, port)
         metrics.DEREGISTRATIONS.inc(len(doomed))
         log.info("host deregistered", extra={"service": service, "ip": ip, "port": port})
         return len(doomed)
+
+    def _check_room(self, service: str) -> None:
+        """409 when a new host would take ``service`` or the registry past its bound."""
+        limits = self._limits
+        count = self._per_service.get(service, 0)
+        if count >= limits.max_hosts_per_service:
+            raise ApiError(
+                409,
+                f"service {service} already has {count} registered hosts, the most allowed"
+                " (--max-hosts-per-service)",
+            )
+        if count == 0 and len(self._per_service) >= limits.max_services:
+            raise ApiError(
+                409,
+                f"{len(self._per_service)} services are registered already, the most allowed"
+                " (--max-services)",
+            )
+
+    def _forget(self, service: str) -> None:
+        self._per_service[service] -= 1
+        if self._per_service[service] <= 0:
+            del self._per_service[service]
 
     def set_weight(self, service: str, ip: str | None, value: object) -> int:
         """Set the load-balancing weight of one IP's instances, or of the whole service."""
