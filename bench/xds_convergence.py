@@ -34,7 +34,8 @@ from meshctl.envoy import EnvoyProxy
 from sds.config import Settings
 from sds.model import Endpoint, Source
 from sds.server import SdsServer
-from sds.xds.resources import ResourceCache, combined_version
+from sds.xds.cache import XdsCache
+from sds.xds.resources import combined_version
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,7 +63,7 @@ def _first_after(
 
 
 async def converge(
-    server: SdsServer, node: str, changes: int, cache: ResourceCache
+    server: SdsServer, node: str, changes: int, cache: XdsCache
 ) -> tuple[list[float], list[float]]:
     """Apply ``changes`` changes; each one's change->delivery and change->ACK delays (s)."""
     registry = server.registry
@@ -88,7 +89,7 @@ async def converge(
     applied: list[tuple[float, str]] = []
     for generation in range(1, changes + 1):
         registry.replace(Source.REGISTRATION, "usersvc", endpoints(generation))
-        applied.append((time.perf_counter(), combined_version([cache.get("usersvc")])))
+        applied.append((time.perf_counter(), combined_version([cache.resource("usersvc")])))
         await asyncio.sleep(random.uniform(0.05, 0.15))
     final_version = applied[-1][1]
     async with asyncio.timeout(30):
@@ -145,8 +146,7 @@ async def one_envoy(
         envoy = EnvoyProxy(f"bench-{variant}", config, admin_port=admin, run_dir=run_dir)
         try:
             await envoy.start()
-            cache = ResourceCache(server.registry)
-            return await converge(server, f"bench-{variant}", changes, cache)
+            return await converge(server, f"bench-{variant}", changes, server.xds)
         finally:
             await envoy.stop()
 
@@ -168,7 +168,7 @@ async def fan_out(streams: int, debounce: float) -> float:
                     await asyncio.sleep(0.01)
             started = time.perf_counter()
             server.registry.replace(Source.REGISTRATION, "usersvc", endpoints(1))
-            target = combined_version([ResourceCache(server.registry).get("usersvc")])
+            target = combined_version([server.xds.resource("usersvc")])
             async with asyncio.timeout(60):
                 while sum(p.last_version_acked == target for p in server.proxies.all()) < streams:
                     await asyncio.sleep(0.001)

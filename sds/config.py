@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     xds_debounce: float = Field(
         0.01, ge=0, description="seconds to coalesce registry changes before pushing xDS"
     )
+    max_subscriptions: int = Field(
+        10_000,
+        ge=1,
+        description="resource names one xDS stream (or REST request) may subscribe to",
+    )
+    max_streams_per_peer: int = Field(
+        1_000, ge=1, description="xDS gRPC streams one client address may hold open"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("source", "namespace", mode="before")

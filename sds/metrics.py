@@ -36,6 +36,27 @@ HTTP_REQUESTS = Counter(
 )
 
 XDS_STREAMS = Gauge("sds_xds_connected_streams", "Connected xDS clients", ["transport"])
+XDS_WAKEUPS = Counter(
+    "sds_xds_stream_wakeups_total",
+    "Streams woken by registry changes (only streams watching a changed name are woken)",
+)
+XDS_WITHHELD = Counter(
+    "sds_xds_withheld_resources_total",
+    "Empty resources held back from a push until every source has synced (warm-up)",
+    ["transport"],
+)
+XDS_REFUSED = Counter(
+    "sds_xds_refused_total",
+    "xDS streams or requests refused: over a cap (RESOURCE_EXHAUSTED) or invalid",
+    ["reason"],
+)
+XDS_AMBIGUOUS_NAMES = Gauge(
+    "sds_xds_ambiguous_names", "Plain service names that more than one namespace has"
+)
+XDS_AMBIGUOUS_KEPT = Counter(
+    "sds_xds_ambiguous_kept_total",
+    "Times a subscriber kept the service it had resolved because its plain name became ambiguous",
+)
 XDS_PUSHES = Counter("sds_xds_pushes_total", "xDS responses sent", ["transport"])
 XDS_NACKS = Counter("sds_xds_nacks_total", "xDS responses rejected by a proxy", ["transport"])
 XDS_PUSH_TIME = Histogram(

@@ -8,12 +8,17 @@ notification happen without an ``await`` in between.
 Versions: the registry has a revision that increases by one for every real change of one
 service; a service's version is the revision of its last real change. A change is "real" when
 what a proxy routes on differs: a heartbeat that only refreshes ``last_check_in`` is not one.
+
+Change sets: the registry remembers which service each recent revision changed, so a reader
+that last looked at revision ``r`` asks :meth:`Registry.changes_since` for the names changed
+since, instead of comparing every service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -28,13 +33,26 @@ class SourceStatus:
     reason: str = ""
 
 
+# How many recent revisions remember their service; a reader further behind gets "everything".
+CHANGE_LOG_SIZE = 100_000
+# In the change log: a revision that concerns every service (readiness changed).
+EVERYTHING = ""
+
+
+def short_name(name: str) -> str:
+    """``usersvc`` for ``usersvc.prod``; a name without a namespace is its own short name."""
+    return name.split(".", 1)[0]
+
+
 class Registry:
     """Endpoints per service and per source, with versions and change notification."""
 
     def __init__(self) -> None:
         self._endpoints: dict[str, dict[Source, dict[tuple[str, int], Endpoint]]] = {}
         self._versions: dict[str, int] = {}
+        # short name -> the qualified services (name.namespace) it may stand for
         self._aliases: dict[str, set[str]] = {}
+        self._log: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG_SIZE)
         self._snapshots: dict[str, ServiceSnapshot] = {}
         self._revision = 0
         self._changed = asyncio.Event()
@@ -57,6 +75,14 @@ class Registry:
         """Canonical names of every service that has endpoints."""
         return sorted(self._versions)
 
+    def has(self, name: str) -> bool:
+        """True when ``name`` is a service with endpoints."""
+        return name in self._versions
+
+    def qualified(self, short: str) -> frozenset[str]:
+        """The ``short.namespace`` services that have endpoints (an index lookup)."""
+        return frozenset(self._aliases.get(short, ()))
+
     def resolve(self, name: str) -> str:
         """The canonical name for ``name``.
 
@@ -65,11 +91,27 @@ class Registry:
         """
         if name in self._versions or "." in name:
             return name
-        prefix = name + "."
-        matches = [
-            s for s in self._versions if s.startswith(prefix) and "." not in s[len(prefix) :]
-        ]
-        return matches[0] if len(matches) == 1 else name
+        matches = self._aliases.get(name, ())
+        return next(iter(matches)) if len(matches) == 1 else name
+
+    def changes_since(self, revision: int) -> frozenset[str] | None:
+        """The services changed after ``revision``; None when every service may have.
+
+        None comes back when readiness changed meanwhile (withheld answers may now go out)
+        or when ``revision`` is older than the change log remembers.
+        """
+        if revision >= self._revision:
+            return frozenset()
+        if not self._log or self._log[0][0] > revision + 1:
+            return None
+        names: set[str] = set()
+        for number, name in reversed(self._log):
+            if number <= revision:
+                break
+            if name == EVERYTHING:
+                return None
+            names.add(name)
+        return frozenset(names)
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """The service as it is now; an unknown service is an empty snapshot at version 0."""
@@ -121,6 +163,7 @@ class Registry:
         self._statuses[source] = SourceStatus(ready=ready, reason=reason)
         if self.ready != was_ready:
             self._revision += 1
+            self._log.append((self._revision, EVERYTHING))
             self._pending_notify = True
             self._notify()
 
@@ -189,11 +232,12 @@ class Registry:
 
     def _bump(self, name: str) -> None:
         self._revision += 1
+        self._log.append((self._revision, name))
         self._snapshots.pop(name, None)
         self._pending_notify = True
         if any(self._endpoints.get(name, {}).values()):
             if name not in self._versions and "." in name:
-                self._aliases.setdefault(name.split(".", 1)[0], set()).add(name)
+                self._aliases.setdefault(short_name(name), set()).add(name)
             self._versions[name] = self._revision
             return
         # A service with no endpoints left is forgotten, so churn of names cannot grow the
@@ -201,7 +245,7 @@ class Registry:
         self._endpoints.pop(name, None)
         self._versions.pop(name, None)
         if "." in name:
-            short = name.split(".", 1)[0]
+            short = short_name(name)
             self._aliases.get(short, set()).discard(name)
             if not self._aliases.get(short):
                 self._aliases.pop(short, None)

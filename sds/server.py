@@ -22,9 +22,9 @@ from sds.model import Source
 from sds.registry import Registry
 from sds.sources.registration import RegistrationLimits, RegistrationSource
 from sds.validation import TagLimits
+from sds.xds.cache import XdsCache
 from sds.xds.grpc_server import start_grpc_server
 from sds.xds.proxies import ProxyTracker
-from sds.xds.resources import ResourceCache
 from sds.xds.rest import xds_rest_router
 from sds.xds.stream import stream_factory
 
@@ -47,14 +47,13 @@ class SdsServer:
         self.registry = Registry()
         self._jobs: dict[str, Coroutine[Any, Any, None]] = {}
         self.proxies = ProxyTracker()
-        self._resources = resources = ResourceCache(self.registry)
-        self._make_stream = stream_factory(
-            self.registry, resources, self.proxies, settings.xds_debounce
-        )
+        self.xds = XdsCache(self.registry, debounce=settings.xds_debounce)
+        self._make_stream = stream_factory(self.xds, self.proxies, settings.max_subscriptions)
+        self._jobs["xds-cache"] = self.xds.run()
         v1 = V1Api(self.registry, settings.env)
         routers: list[APIRouter] = [
             v1.router(),
-            xds_rest_router(resources, self.proxies),
+            xds_rest_router(self.xds, self.proxies),
         ]
         self.write_access = WriteAccess(
             settings.write_token,
@@ -154,7 +153,11 @@ class SdsServer:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set or a component fails; then shut everything down."""
         grpc_server = await start_grpc_server(
-            self._make_stream, self._resources, self.settings.grpc_host, self.settings.grpc_port
+            self._make_stream,
+            self.xds,
+            self.settings.grpc_host,
+            self.settings.grpc_port,
+            max_streams_per_peer=self.settings.max_streams_per_peer,
         )
         tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
         http = asyncio.create_task(self._http.serve(), name="http")

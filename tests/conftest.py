@@ -21,8 +21,10 @@ from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres
 from sds.config import Settings as SdsSettings
+from sds.model import Endpoint, Source
 from sds.server import SdsServer
 from tests.fake_apiserver import FakeApiServer
+from tests.xds_client import XdsClient
 from usersvc.app import create_app
 from usersvc.config import Settings
 
@@ -264,6 +266,40 @@ async def sds(start_sds: Callable[..., Any]) -> RunningSds:
     """One sds with the registration source and default settings."""
     server: RunningSds = await start_sds()
     return server
+
+
+def put(sds: RunningSds, service: str, *hosts: str, **fields: Any) -> None:
+    """Make ``hosts`` (ip:port) the endpoints of ``service``, as a source would."""
+    sds.registry.replace(
+        Source.REGISTRATION,
+        service,
+        [
+            Endpoint(h.split(":")[0], int(h.split(":")[1]), Source.REGISTRATION, **fields)
+            for h in hosts
+        ],
+    )
+
+
+@pytest.fixture
+async def fast_sds(start_sds: Callable[..., Any]) -> RunningSds:
+    """An sds that pushes xDS changes without a debounce window."""
+    server: RunningSds = await start_sds(xds_debounce=0.0)
+    return server
+
+
+@pytest.fixture
+async def open_client(fast_sds: RunningSds) -> AsyncIterator[Callable[..., XdsClient]]:
+    """Open raw xDS streams to ``fast_sds``; all closed at teardown."""
+    clients: list[XdsClient] = []
+
+    def open_(**kwargs: Any) -> XdsClient:
+        client = XdsClient(fast_sds.grpc_target, **kwargs)
+        clients.append(client)
+        return client
+
+    yield open_
+    for client in clients:
+        await client.close()
 
 
 @pytest.fixture

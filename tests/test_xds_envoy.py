@@ -119,6 +119,20 @@ async def test_envoy_membership_follows_the_registry(
     await wait_hosts(edge, {(9001, "DRAINING", 1), (9003, "HEALTHY", 5)})
 
 
+@pytest.mark.parametrize("variant", ["ads", "ads-delta"])
+async def test_envoy_drops_every_host_when_the_service_disappears(
+    start_sds: Callable[..., Any], start_envoy: Callable[..., Any], variant: str
+) -> None:
+    sds: RunningSds = await start_sds(xds_debounce=0.0)
+    publish(sds, pod(9001), pod(9002))
+    edge, _ = await start_edge(start_envoy, variant, sds)
+    await wait_hosts(edge, {(9001, "HEALTHY", 1), (9002, "HEALTHY", 1)})
+    publish(sds)  # the Service is deleted: the registry forgets it
+    await wait_hosts(edge, set())
+    publish(sds, pod(9003))
+    await wait_hosts(edge, {(9003, "HEALTHY", 1)})
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_traffic_through_envoy_reaches_the_registered_backends(
     start_sds: Callable[..., Any],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -16,42 +16,10 @@ from google.protobuf import json_format
 
 from sds.model import Endpoint, Health, Source
 from sds.xds.resources import EDS_TYPE_URL
-from tests.conftest import SDS_AUTH, RunningSds
+from tests.conftest import SDS_AUTH, RunningSds, put
 from tests.xds_client import XdsClient, addresses, assignments
 
 CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-
-
-def put(sds: RunningSds, service: str, *hosts: str, **fields: Any) -> None:
-    """Make ``hosts`` (ip:port) the endpoints of ``service``, as a source would."""
-    sds.registry.replace(
-        Source.REGISTRATION,
-        service,
-        [
-            Endpoint(h.split(":")[0], int(h.split(":")[1]), Source.REGISTRATION, **fields)
-            for h in hosts
-        ],
-    )
-
-
-@pytest.fixture
-async def fast_sds(start_sds: Callable[..., Any]) -> RunningSds:
-    server: RunningSds = await start_sds(xds_debounce=0.0)
-    return server
-
-
-@pytest.fixture
-async def open_client(fast_sds: RunningSds) -> AsyncIterator[Callable[..., XdsClient]]:
-    clients: list[XdsClient] = []
-
-    def open_(**kwargs: Any) -> XdsClient:
-        client = XdsClient(fast_sds.grpc_target, **kwargs)
-        clients.append(client)
-        return client
-
-    yield open_
-    for client in clients:
-        await client.close()
 
 
 @pytest.mark.parametrize("ads", [True, False], ids=["ads", "eds"])

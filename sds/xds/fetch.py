@@ -1,33 +1,44 @@
-"""One-shot fetches (REST polling and gRPC ``FetchEndpoints``): no stream, no state."""
+"""One-shot fetches (REST polling and gRPC ``FetchEndpoints``): no stream, one answer."""
 
 from __future__ import annotations
 
 from envoy.service.discovery.v3 import discovery_pb2
 
+from sds import metrics
 from sds.errors import ApiError, bad_request
-from sds.xds.resources import EDS_TYPE_URL, ResourceCache, combined_version
-from sds.xds.stream import CONTROL_PLANE
+from sds.xds.cache import Answer, XdsCache
+from sds.xds.resources import EDS_TYPE_URL
+from sds.xds.subscription import Subscription, SubscriptionError
 
 
 def fetch(
-    cache: ResourceCache, request: discovery_pb2.DiscoveryRequest
-) -> tuple[str, discovery_pb2.DiscoveryResponse | None]:
-    """The current version for the request's resources, and a response unless it is current.
+    cache: XdsCache,
+    request: discovery_pb2.DiscoveryRequest,
+    subscription: Subscription | None = None,
+) -> Answer | None:
+    """The answer for the request's resources; None when its ``version_info`` is current.
 
-    No resource names means every known service. Raises :class:`ApiError`: 400 for a type
-    other than ClusterLoadAssignment, 503 while every requested resource is withheld.
+    ``subscription`` is the client's own (REST pollers keep theirs, so a plain name they
+    resolved keeps its target while it is ambiguous); a fresh one otherwise. An empty list
+    of names means no resources, as on every transport. Raises :class:`ApiError`: 400 for a
+    type other than ClusterLoadAssignment or a refused name list, 503 while every requested
+    resource is withheld.
     """
     if request.type_url not in ("", EDS_TYPE_URL):
         raise bad_request(f"only {EDS_TYPE_URL} is served here, not {request.type_url}")
-    resources = cache.answerable(set(request.resource_names) or cache.known_names())
-    if not resources and request.resource_names:
-        raise ApiError(503, "sds has not synced its sources yet; keep what you have and retry")
-    version = combined_version(resources)
-    if request.version_info == version:
-        return version, None
-    return version, discovery_pb2.DiscoveryResponse(
-        version_info=version,
-        resources=[r.packed for r in resources],
-        type_url=EDS_TYPE_URL,
-        control_plane=CONTROL_PLANE,
-    )
+    if subscription is None:
+        subscription = Subscription()
+    try:
+        subscription.replace(request.resource_names)
+    except SubscriptionError as exc:
+        metrics.XDS_REFUSED.labels("too_many_names" if exc.exhausted else "invalid_name").inc()
+        raise bad_request(str(exc)) from None
+    subscription.resolve(cache.resolve)
+    answer, withheld = cache.answer(EDS_TYPE_URL, cache.items(subscription))
+    if withheld:
+        metrics.XDS_WITHHELD.labels("rest").inc(withheld)
+        if not answer.resources:
+            raise ApiError(503, "sds has not synced its sources yet; keep what you have and retry")
+    if request.version_info == answer.version:
+        return None
+    return answer

@@ -1,23 +1,38 @@
-"""The gRPC xDS server: ADS and EDS, state-of-the-world and delta, on grpc.aio."""
+"""The gRPC xDS server: ADS and EDS, state-of-the-world and delta, on grpc.aio.
+
+Responses are written as bytes the cache serialised once (see :mod:`sds.xds.cache`), so the
+methods are registered with a pass-through response serialiser instead of the generated
+servicer helpers.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from envoy.service.endpoint.v3 import eds_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2
 
+from sds import metrics
 from sds.errors import ApiError
+from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
-from sds.xds.resources import EDS_TYPE_URL, ResourceCache
-from sds.xds.stream import DeltaStream, SotwStream, XdsProtocolError, XdsStream
+from sds.xds.resources import EDS_TYPE_URL
+from sds.xds.stream import (
+    DeltaStream,
+    SotwStream,
+    XdsProtocolError,
+    XdsResourceExhausted,
+    XdsStream,
+)
 
 log = logging.getLogger("sds.xds")
 
 StreamFactory = Callable[[type[XdsStream], str], XdsStream]
+
+DEFAULT_MAX_STREAMS_PER_PEER = 1_000
 
 _SERVER_OPTIONS = [
     # Envoy keeps xDS streams open for hours; let it ping to keep NATs and LBs from dropping them.
@@ -26,28 +41,80 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # The stream cliff: grpc.aio takes new calls from gRPC core one at a time on the event
+    # loop. While a burst of proxies connects, calls wait in core's queue, and core refuses
+    # calls past 1,000 waiting (some) and 3,000 (all) with RESOURCE_EXHAUSTED. A fleet
+    # reconnecting after a restart is exactly such a burst: let them queue; the caps that
+    # protect sds are --max-streams-per-peer and the subscription caps.
+    ("grpc.server.max_pending_requests", 1_000_000),
+    ("grpc.server.max_pending_requests_hard_limit", 1_000_000),
+    # A call waits in that queue at most this long before core cancels it.
+    ("grpc.server_max_unrequested_time_in_server", 300),
 ]
 
 
-async def _serve(
-    make: StreamFactory,
-    kind: type[XdsStream],
-    service: str,
-    requests: AsyncIterator[Any],
-    context: grpc.aio.ServicerContext[Any, Any],
-) -> None:
-    stream = make(kind, service)
-    try:
-        await stream.run(requests, context.write)
-    except XdsProtocolError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+def _raw(message: bytes) -> bytes:
+    return message
+
+
+def peer_address(peer: str) -> str:
+    """The client address of a gRPC peer string (``ipv4:10.0.0.1:5000`` -> ``10.0.0.1``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer  # unix sockets and the like: the whole string
+
+
+class StreamGate:
+    """Runs streams, counting them per client address (``--max-streams-per-peer``)."""
+
+    def __init__(self, make: StreamFactory, max_streams_per_peer: int) -> None:
+        self._make = make
+        self._limit = max_streams_per_peer
+        self._per_peer: Counter[str] = Counter()
+
+    async def serve(
+        self,
+        kind: type[XdsStream],
+        service: str,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Serve one stream, or refuse it when its address has too many."""
+        peer = context.peer()
+        address = peer_address(peer)
+        if self._per_peer[address] >= self._limit:
+            metrics.XDS_REFUSED.labels("too_many_streams").inc()
+            log.warning(
+                "xds stream refused: too many from one address",
+                extra={"peer": address, "limit": self._limit},
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {self._limit} xDS streams from {address}",
+            )
+        self._per_peer[address] += 1
+        stream = self._make(kind, service)
+        stream.peer = peer
+        try:
+            await stream.run(requests, context.write)
+        except XdsProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except XdsResourceExhausted as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            self._per_peer[address] -= 1
+            if not self._per_peer[address]:
+                del self._per_peer[address]
 
 
 class AggregatedDiscovery:
     """ADS: every type on one stream (we serve ClusterLoadAssignments)."""
 
-    def __init__(self, make: StreamFactory) -> None:
-        self._make = make
+    def __init__(self, gate: StreamGate) -> None:
+        self._gate = gate
 
     async def StreamAggregatedResources(  # noqa: N802 - name fixed by the proto
         self,
@@ -55,7 +122,7 @@ class AggregatedDiscovery:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         """State-of-the-world ADS."""
-        await _serve(self._make, SotwStream, "ads", request_iterator, context)
+        await self._gate.serve(SotwStream, "ads", request_iterator, context)
 
     async def DeltaAggregatedResources(  # noqa: N802 - name fixed by the proto
         self,
@@ -63,24 +130,24 @@ class AggregatedDiscovery:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         """Incremental ADS."""
-        await _serve(self._make, DeltaStream, "ads", request_iterator, context)
+        await self._gate.serve(DeltaStream, "ads", request_iterator, context)
 
 
 class EndpointDiscovery:
     """EDS on its own service."""
 
-    def __init__(self, make: StreamFactory, cache: ResourceCache) -> None:
-        self._make = make
+    def __init__(self, gate: StreamGate, cache: XdsCache) -> None:
+        self._gate = gate
         self._cache = cache
 
     async def FetchEndpoints(  # noqa: N802 - name fixed by the proto
         self,
         request: discovery_pb2.DiscoveryRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> discovery_pb2.DiscoveryResponse:
+    ) -> bytes:
         """One-shot fetch; an empty response (no resources) means "unchanged"."""
         try:
-            version, response = fetch(self._cache, request)
+            answer = fetch(self._cache, request)
         except ApiError as exc:
             code = (
                 grpc.StatusCode.UNAVAILABLE
@@ -88,9 +155,12 @@ class EndpointDiscovery:
                 else grpc.StatusCode.INVALID_ARGUMENT
             )
             await context.abort(code, exc.message)
-        return response or discovery_pb2.DiscoveryResponse(
-            version_info=version, type_url=EDS_TYPE_URL
-        )
+        if answer is None:
+            unchanged: bytes = discovery_pb2.DiscoveryResponse(
+                version_info=request.version_info, type_url=EDS_TYPE_URL
+            ).SerializeToString()
+            return unchanged
+        return answer.body
 
     async def StreamEndpoints(  # noqa: N802 - name fixed by the proto
         self,
@@ -98,7 +168,7 @@ class EndpointDiscovery:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         """State-of-the-world EDS."""
-        await _serve(self._make, SotwStream, "eds", request_iterator, context)
+        await self._gate.serve(SotwStream, "eds", request_iterator, context)
 
     async def DeltaEndpoints(  # noqa: N802 - name fixed by the proto
         self,
@@ -106,18 +176,51 @@ class EndpointDiscovery:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         """Incremental EDS."""
-        await _serve(self._make, DeltaStream, "eds", request_iterator, context)
+        await self._gate.serve(DeltaStream, "eds", request_iterator, context)
+
+
+def _handlers(gate: StreamGate, cache: XdsCache) -> list[grpc.GenericRpcHandler]:
+    ads, eds = AggregatedDiscovery(gate), EndpointDiscovery(gate, cache)
+    sotw_in = discovery_pb2.DiscoveryRequest.FromString
+    delta_in = discovery_pb2.DeltaDiscoveryRequest.FromString
+
+    def bidi(handler: Any, deserializer: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.stream_stream_rpc_method_handler(
+            handler, request_deserializer=deserializer, response_serializer=_raw
+        )
+
+    return [
+        grpc.method_handlers_generic_handler(
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            {
+                "StreamAggregatedResources": bidi(ads.StreamAggregatedResources, sotw_in),
+                "DeltaAggregatedResources": bidi(ads.DeltaAggregatedResources, delta_in),
+            },
+        ),
+        grpc.method_handlers_generic_handler(
+            "envoy.service.endpoint.v3.EndpointDiscoveryService",
+            {
+                "StreamEndpoints": bidi(eds.StreamEndpoints, sotw_in),
+                "DeltaEndpoints": bidi(eds.DeltaEndpoints, delta_in),
+                "FetchEndpoints": grpc.unary_unary_rpc_method_handler(
+                    eds.FetchEndpoints, request_deserializer=sotw_in, response_serializer=_raw
+                ),
+            },
+        ),
+    ]
 
 
 async def start_grpc_server(
-    make: StreamFactory, cache: ResourceCache, host: str, port: int
+    make: StreamFactory,
+    cache: XdsCache,
+    host: str,
+    port: int,
+    *,
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
 ) -> grpc.aio.Server:
     """Bind and start the xDS gRPC server; stop it with ``await server.stop(grace)``."""
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscovery(make), server)
-    eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(
-        EndpointDiscovery(make, cache), server
-    )
+    server.add_generic_rpc_handlers(_handlers(StreamGate(make, max_streams_per_peer), cache))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

@@ -7,6 +7,7 @@ last acknowledged, and the last error it reported.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 
 from sds import metrics
+from sds.xds.subscription import Subscription
+
+log = logging.getLogger("sds.xds")
 
 # A REST client that has not polled for this long is no longer listed as connected.
 REST_CLIENT_EXPIRY = 120.0
@@ -41,6 +45,7 @@ class ProxyStatus:
     transport: str  # rest, sotw or delta
     service: str  # ads, eds or rest
     user_agent: str = ""
+    peer: str = ""
     subscribed: list[str] = field(default_factory=list)
     last_version_sent: str = ""
     last_nonce_sent: str = ""
@@ -71,6 +76,7 @@ class ProxyStatus:
             "transport": self.transport,
             "service": self.service,
             "user_agent": self.user_agent,
+            "peer": self.peer,
             "subscribed": sorted(self.subscribed),
             "last_version_sent": self.last_version_sent,
             "last_nonce_sent": self.last_nonce_sent,
@@ -90,34 +96,72 @@ class ProxyTracker:
     def __init__(self) -> None:
         self._streams: dict[int, ProxyStatus] = {}
         self._rest: dict[str, ProxyStatus] = {}
+        self._rest_subscriptions: dict[str, Subscription] = {}
 
-    def connect(self, node: base_pb2.Node, transport: str, service: str) -> ProxyStatus:
-        """Record a new stream from ``node``."""
+    def connect(
+        self, node: base_pb2.Node, transport: str, service: str, peer: str = ""
+    ) -> ProxyStatus:
+        """Record a new stream from ``node`` (on its first request)."""
         status = ProxyStatus(
             node_id=node.id,
             cluster=node.cluster,
             transport=transport,
             service=service,
             user_agent=f"{node.user_agent_name}/{node.user_agent_version}".strip("/"),
+            peer=peer,
         )
         self._streams[status.id] = status
         metrics.XDS_STREAMS.labels(transport).inc()
+        log.info(
+            "proxy connected",
+            extra={
+                "node_id": node.id,
+                "proxy_cluster": node.cluster,
+                "transport": transport,
+                "grpc_service": service,
+                "peer": peer,
+                "stream": status.id,
+            },
+        )
         return status
 
     def disconnect(self, status: ProxyStatus) -> None:
         """Forget a stream that ended."""
         if self._streams.pop(status.id, None) is not None:
             metrics.XDS_STREAMS.labels(status.transport).dec()
+            log.info(
+                "proxy disconnected",
+                extra={
+                    "node_id": status.node_id,
+                    "transport": status.transport,
+                    "peer": status.peer,
+                    "stream": status.id,
+                    "seconds_connected": round(time.time() - status.connected_since, 3),
+                    "responses_sent": status.responses_sent,
+                },
+            )
 
-    def rest_client(self, node: base_pb2.Node) -> ProxyStatus:
-        """The status of a REST poller, created on its first poll."""
+    def rest_subscription(self, node: base_pb2.Node) -> Subscription:
+        """A copy of the REST poller's subscription (new for a new poller), to update."""
+        known = self._rest_subscriptions.get(f"{node.id}\0{node.cluster}")
+        subscription = Subscription()
+        if known is not None:
+            subscription.names = set(known.names)
+            subscription.wildcard = known.wildcard
+            subscription.targets = dict(known.targets)
+        return subscription
+
+    def rest_client(self, node: base_pb2.Node, subscription: Subscription) -> ProxyStatus:
+        """The status of a REST poller, created on its first poll; keeps its subscription."""
         key = f"{node.id}\0{node.cluster}"
+        self._rest_subscriptions[key] = subscription
         status = self._rest.get(key)
         if status is None:
             self._forget_idle_rest_clients()
             if len(self._rest) >= MAX_REST_CLIENTS:
                 oldest = min(self._rest, key=lambda k: self._rest[k].last_seen)
                 del self._rest[oldest]
+                self._rest_subscriptions.pop(oldest, None)
             status = ProxyStatus(
                 node_id=node.id,
                 cluster=node.cluster,
@@ -133,6 +177,7 @@ class ProxyTracker:
         cutoff = time.time() - REST_CLIENT_EXPIRY
         for key in [k for k, s in self._rest.items() if s.last_seen < cutoff]:
             del self._rest[key]
+            self._rest_subscriptions.pop(key, None)
 
     def all(self) -> list[ProxyStatus]:
         """Connected streams and recently seen REST pollers, oldest first."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
 from sds.model import Endpoint, Health, ServiceSnapshot
-from sds.registry import Registry
 
 EDS_TYPE_URL = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
@@ -66,56 +66,29 @@ def cluster_load_assignment(
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One ClusterLoadAssignment, packed, with its content version."""
+    """One ClusterLoadAssignment, packed and hashed once, shared by every stream that sends it.
+
+    ``delta_chunk`` is the resource already serialised as the ``resources`` entry of a
+    DeltaDiscoveryResponse: protobuf messages concatenate, so a delta response is its header
+    followed by the chunks of what it carries.
+    """
 
     name: str
     version: str
     packed: any_pb2.Any
     endpoint_count: int
+    delta_chunk: bytes
 
 
-class ResourceCache:
-    """Builds each requested resource once per registry snapshot.
-
-    Keyed by the name the proxy asked for: ``usersvc`` and ``usersvc.default`` may resolve to
-    the same service but each answer carries the proxy's own ``cluster_name``.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._cache: dict[str, tuple[ServiceSnapshot, Resource]] = {}
-
-    def get(self, name: str) -> Resource:
-        """The current resource for ``name`` (an empty assignment for an unknown service)."""
-        snap = self._registry.snapshot(self._registry.resolve(name))
-        cached = self._cache.get(name)
-        if cached is not None and cached[0] is snap:
-            return cached[1]
-        cla = cluster_load_assignment(name, snap.endpoints)
-        packed = any_pb2.Any()
-        packed.Pack(cla, deterministic=True)
-        digest = hashlib.sha256(packed.value).hexdigest()[:16]
-        resource = Resource(name, digest, packed, len(snap.endpoints))
-        if len(self._cache) > 200_000:
-            self._cache.clear()
-        self._cache[name] = (snap, resource)
-        return resource
-
-    def known_names(self) -> list[str]:
-        """Every service the registry knows, for wildcard subscriptions."""
-        return self._registry.services()
-
-    def answerable(self, names: Iterable[str]) -> list[Resource]:
-        """The resources for ``names`` that may be sent now, in name order.
-
-        Until every source has synced, an empty assignment may only mean "not learned yet"
-        (sds just restarted, registrations not back): it is withheld, so a proxy keeps the
-        endpoints it has instead of dropping them all.
-        """
-        resources = [self.get(name) for name in sorted(names)]
-        if self._registry.ready:
-            return resources
-        return [r for r in resources if r.endpoint_count]
+def build_resource(name: str, snapshot: ServiceSnapshot) -> Resource:
+    """The resource ``name`` (the name the proxy asked for) with ``snapshot``'s endpoints."""
+    packed = any_pb2.Any()
+    packed.Pack(cluster_load_assignment(name, snapshot.endpoints), deterministic=True)
+    version = hashlib.sha256(packed.value).hexdigest()[:16]
+    chunk = discovery_pb2.DeltaDiscoveryResponse(
+        resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
+    ).SerializeToString()
+    return Resource(name, version, packed, len(snapshot.endpoints), chunk)
 
 
 def combined_version(resources: Iterable[Resource]) -> str:

@@ -14,12 +14,12 @@ from google.protobuf import json_format
 
 from sds import metrics
 from sds.errors import bad_request
+from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
 from sds.xds.proxies import ProxyTracker, listed
-from sds.xds.resources import ResourceCache
 
 
-def xds_rest_router(cache: ResourceCache, tracker: ProxyTracker) -> APIRouter:
+def xds_rest_router(cache: XdsCache, tracker: ProxyTracker) -> APIRouter:
     """The REST xDS endpoint and ``/debug/proxies``."""
     router = APIRouter()
 
@@ -37,19 +37,18 @@ def xds_rest_router(cache: ResourceCache, tracker: ProxyTracker) -> APIRouter:
             )
         except (json_format.ParseError, RecursionError) as exc:
             raise bad_request(f"not a DiscoveryRequest: {exc}") from None
-        version, response = fetch(cache, req)
-        status = tracker.rest_client(req.node)
-        status.subscribed = listed(list(req.resource_names)) or ["*"]
+        subscription = tracker.rest_subscription(req.node)
+        answer = fetch(cache, req, subscription)
+        status = tracker.rest_client(req.node, subscription)
+        status.subscribed = listed(subscription.listed())
         status.last_version_acked = req.version_info
-        status.last_version_sent = version
-        if response is None:
+        if answer is None:
+            status.last_version_sent = req.version_info
             return Response(status_code=304)
+        status.last_version_sent = answer.version
         status.responses_sent += 1
         metrics.XDS_PUSHES.labels("rest").inc()
-        return Response(
-            json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None),
-            media_type="application/json",
-        )
+        return Response(cache.answer_json(answer), media_type="application/json")
 
     @router.get(
         "/debug/proxies",

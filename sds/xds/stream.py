@@ -1,16 +1,19 @@
 """One xDS gRPC stream, state-of-the-world or delta, independent of the gRPC plumbing.
 
 A stream reacts to two kinds of event, handled one at a time in arrival order: a request from
-the proxy (subscribe, ACK, NACK) and a registry change (debounced, so a burst of changes
-becomes one push). Responses go out only when a resource the proxy subscribed to changed.
+the proxy (subscribe, ACK, NACK) and a wake-up from the cache (one of the names it watches
+changed). Responses go out only when what the proxy subscribed to changed, and are written as
+bytes the cache serialised once for every stream with the same resources.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,122 +23,139 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
-from sds.registry import Registry
+from sds.registry import short_name
+from sds.xds.cache import XdsCache
 from sds.xds.proxies import ProxyStatus, ProxyTracker, listed
-from sds.xds.resources import EDS_TYPE_URL, Resource, ResourceCache, combined_version
+from sds.xds.resources import EDS_TYPE_URL
+from sds.xds.subscription import DEFAULT_MAX_NAMES, Subscription, SubscriptionError
 
 log = logging.getLogger("sds.xds")
 
-CONTROL_PLANE = base_pb2.ControlPlane(identifier="envoymesh-sds")
-
-# How long the change watcher sleeps at most before re-checking; only bounds the wait.
-_WATCH_TIMEOUT = 30.0
+# Requests read ahead of handling at most; a client that floods is slowed by flow control.
+_MAX_QUEUED_REQUESTS = 16
+# Delta: nonces whose version is remembered for the ACK (older ones are long superseded).
+_REMEMBERED_NONCES = 64
 
 
 class XdsProtocolError(Exception):
     """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
 
 
+class XdsResourceExhausted(Exception):
+    """The client went over a cap; the stream ends with RESOURCE_EXHAUSTED."""
+
+
 @dataclass(slots=True)
 class _TypeState:
     """Per type URL: what the proxy subscribed to and what we sent it."""
 
-    wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    subscription: Subscription
     sent: dict[str, str] = field(default_factory=dict)  # name -> resource version
+    answered: bool = False
     nonce: str = ""
     version: str = ""
     pending_change: float | None = None  # when the change behind the unACKed push happened
 
 
+def _set_version(sent: dict[str, str]) -> str:
+    """The version of a set of (name, version) pairs, as ``combined_version`` computes it."""
+    digest = hashlib.sha256()
+    for name, version in sorted(sent.items()):
+        digest.update(f"{name}={version};".encode())
+    return digest.hexdigest()[:16]
+
+
 class XdsStream:
-    """Shared machinery: the event loop, the change watcher and the bookkeeping."""
+    """Shared machinery: the event loop, subscriptions, watches and bookkeeping."""
 
     transport = "sotw"
 
     def __init__(
         self,
-        registry: Registry,
-        cache: ResourceCache,
+        cache: XdsCache,
         tracker: ProxyTracker,
         *,
         service: str,
-        debounce: float,
+        max_names: int = DEFAULT_MAX_NAMES,
     ) -> None:
-        self._registry = registry
         self._cache = cache
         self._tracker = tracker
         self._service = service  # "ads" or "eds": which gRPC service the stream came in on
-        self._debounce = debounce
+        self._max_names = max_names
         self._types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
-        # Bounded, so a client that floods requests is slowed down by gRPC flow control.
-        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=16)
-        self._change_queued = False
+        self._requests: deque[Any] = deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._ended = False
+        self._changed: set[str] | None = set()
+        self._changed_at: float | None = None
         self.status: ProxyStatus | None = None
+        self.peer = ""
 
     # ----- the event loop ------------------------------------------------------------------
 
     async def run(
-        self, requests: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]]
+        self, requests: AsyncIterator[Any], send: Callable[[bytes], Awaitable[None]]
     ) -> None:
         """Serve the stream until the proxy closes it (or it is cancelled)."""
         self._send = send
         reader = asyncio.create_task(self._read(requests))
-        watcher = asyncio.create_task(self._watch())
         try:
             while True:
-                kind, payload = await self._inbox.get()
-                if kind == "end":
+                if self._requests:
+                    request = self._requests.popleft()
+                    self._room.set()
+                    await self.on_request(request)
+                elif self._changed_at is not None:
+                    changed, changed_at = self._changed, self._changed_at
+                    self._changed, self._changed_at = set(), None
+                    await self.on_change(
+                        None if changed is None else frozenset(changed), changed_at
+                    )
+                elif self._ended:
                     break
-                if kind == "request":
-                    await self.on_request(payload)
                 else:
-                    self._change_queued = False
-                    await self.on_change(payload)
+                    self._wake.clear()
+                    await self._wake.wait()
         finally:
-            for task in (reader, watcher):
-                task.cancel()
-            await asyncio.gather(reader, watcher, return_exceptions=True)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            for type_url, state in self._types.items():
+                if type_url == EDS_TYPE_URL:
+                    self._cache.unwatch(self, state.subscription.names, wildcard=True)
             if self.status is not None:
                 self._tracker.disconnect(self.status)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
             async for request in requests:
-                await self._inbox.put(("request", request))
+                self._requests.append(request)
+                self._wake.set()
+                while len(self._requests) >= _MAX_QUEUED_REQUESTS:
+                    self._room.clear()
+                    await self._room.wait()
         except grpc.RpcError as exc:
             log.info("xds stream broke", extra={"error": str(exc)[:200]})
-        await self._inbox.put(("end", None))
+        finally:
+            self._ended = True
+            self._wake.set()
 
-    async def _watch(self) -> None:
-        seen = self._registry.revision
-        while True:
-            revision = await self._registry.wait_for_change(seen, timeout=_WATCH_TIMEOUT)
-            if revision <= seen:
-                continue
-            changed_at = time.monotonic()
-            if self._debounce:
-                await asyncio.sleep(self._debounce)
-            seen = self._registry.revision
-            if not self._change_queued:
-                self._change_queued = True
-                await self._inbox.put(("change", changed_at))
+    def changed(self, names: frozenset[str] | None, changed_at: float) -> None:
+        """Called by the cache: ``names`` changed (None: anything may have)."""
+        if names is None or self._changed is None:
+            self._changed = None
+        else:
+            self._changed |= names
+        if self._changed_at is None:
+            self._changed_at = changed_at
+        self._wake.set()
 
     # ----- helpers for the two variants ----------------------------------------------------
 
     def _connect(self, node: base_pb2.Node) -> None:
         if self.status is None:
-            self.status = self._tracker.connect(node, self.transport, self._service)
-            log.info(
-                "proxy connected",
-                extra={
-                    "node_id": node.id,
-                    "proxy_cluster": node.cluster,
-                    "transport": self.transport,
-                    "grpc_service": self._service,
-                },
-            )
+            self.status = self._tracker.connect(node, self.transport, self._service, self.peer)
         self.status.last_seen = time.time()
 
     def _type_url(self, type_url: str) -> str:
@@ -147,14 +167,40 @@ class XdsStream:
             raise XdsProtocolError("type_url is required on an aggregated (ADS) stream")
         return type_url
 
-    def _resources(self, state: _TypeState, type_url: str) -> list[Resource]:
-        if type_url != EDS_TYPE_URL:
-            return []  # we serve no other type; an empty answer keeps the proxy from waiting
-        return self._cache.answerable(self._cache.known_names() if state.wildcard else state.names)
+    def _state(self, type_url: str) -> _TypeState:
+        state = self._types.get(type_url)
+        if state is None:
+            state = self._types[type_url] = _TypeState(Subscription(self._max_names))
+        return state
 
-    def _show_subscription(self, state: _TypeState) -> None:
+    def _subscribe(
+        self, type_url: str, state: _TypeState, update: Callable[[Subscription], set[str]]
+    ) -> set[str]:
+        """Apply ``update`` to the subscription, keep the watches in step; the names dropped."""
+        subscription = state.subscription
+        before, was_wildcard = set(subscription.names), subscription.wildcard
+        try:
+            dropped = update(subscription)
+        except SubscriptionError as exc:
+            metrics.XDS_REFUSED.labels("too_many_names" if exc.exhausted else "invalid_name").inc()
+            if exc.exhausted:
+                raise XdsResourceExhausted(str(exc)) from None
+            raise XdsProtocolError(str(exc)) from None
+        added = subscription.names - before
+        subscription.resolve(self._cache.resolve, only=added)
+        if type_url == EDS_TYPE_URL:
+            self._cache.unwatch(self, dropped, wildcard=was_wildcard and not subscription.wildcard)
+            self._cache.watch(self, added, wildcard=subscription.wildcard and not was_wildcard)
         if self.status is not None:
-            self.status.subscribed = listed(sorted(state.names)) + (["*"] if state.wildcard else [])
+            self.status.subscribed = listed(subscription.listed())
+        return dropped
+
+    def _refresh_targets(self, state: _TypeState, changed: frozenset[str] | None) -> None:
+        subscription = state.subscription
+        if changed is None:
+            subscription.resolve(self._cache.resolve)
+        else:
+            subscription.resolve(self._cache.resolve, only={short_name(n) for n in changed})
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -197,11 +243,17 @@ class XdsStream:
             },
         )
 
+    def _held_back(self, state: _TypeState, sendable: int, withheld: int) -> bool:
+        """Whether an answer is held back entirely while sources sync (see the cache)."""
+        if withheld:
+            metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
+        return not sendable and not state.subscription.empty and not self._cache.registry.ready
+
     async def on_request(self, request: Any) -> None:
         """Handle one request from the proxy."""
         raise NotImplementedError
 
-    async def on_change(self, changed_at: float) -> None:
+    async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
         """Push what changed in the registry to this proxy."""
         raise NotImplementedError
 
@@ -215,66 +267,52 @@ class SotwStream(XdsStream):
         """Subscribe, ACK or NACK; answer when the subscription is new or changed."""
         self._connect(request.node)
         type_url = self._type_url(request.type_url)
-        state = self._types.setdefault(type_url, _TypeState())
+        state = self._state(type_url)
         if request.response_nonce and request.response_nonce != state.nonce:
             return  # stale: answers a response that a newer one superseded
-        # An empty list means "nothing" (the spec's legacy wildcard is for LDS/CDS only);
-        # "*" asks for every service.
-        names = set(request.resource_names)
-        wildcard = "*" in names
-        names.discard("*")
-        same_subscription = (wildcard, names) == (state.wildcard, state.names)
+        names = list(request.resource_names)
         if request.response_nonce:
             if request.HasField("error_detail"):
                 self._record_nack(state, request.response_nonce, request.error_detail.message)
             else:
                 self._record_ack(state, request.version_info)
-            if same_subscription:
+            if state.subscription.same_as(names):
                 return
-        state.wildcard, state.names = wildcard, names
-        self._show_subscription(state)
-        resources = self._resources(state, type_url)
-        if type_url == EDS_TYPE_URL and (names or wildcard) and not resources:
-            return  # all withheld until the sources have synced; the change wakes us
-        await self._respond(type_url, state, None, resources)
+        self._subscribe(type_url, state, lambda s: s.replace(names))
+        await self._answer(type_url, state, None, force=True)
 
-    async def on_change(self, changed_at: float) -> None:
-        """Send a fresh state of the world for each type whose resources changed."""
-        for type_url, state in self._types.items():
-            if type_url != EDS_TYPE_URL or not (state.names or state.wildcard):
-                continue
-            resources = self._resources(state, type_url)
-            if resources and {r.name: r.version for r in resources} != state.sent:
-                await self._respond(type_url, state, changed_at, resources)
+    async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
+        """Send a fresh state of the world when the subscribed resources changed."""
+        state = self._types.get(EDS_TYPE_URL)
+        if state is not None:
+            self._refresh_targets(state, changed)
+            await self._answer(EDS_TYPE_URL, state, changed_at, force=False)
 
-    async def _respond(
-        self,
-        type_url: str,
-        state: _TypeState,
-        changed_at: float | None,
-        resources: list[Resource] | None = None,
+    async def _answer(
+        self, type_url: str, state: _TypeState, changed_at: float | None, *, force: bool
     ) -> None:
         started = time.perf_counter()
-        if resources is None:
-            resources = self._resources(state, type_url)
+        answer, withheld = self._cache.answer(type_url, self._cache.items(state.subscription))
+        if self._held_back(state, len(answer.resources), withheld):
+            return
+        sent = dict(answer.key)
+        if not force and state.answered and sent == state.sent:
+            return
         nonce = self._next_nonce()
-        version = combined_version(resources)
         await self._send(
-            discovery_pb2.DiscoveryResponse(
-                version_info=version,
-                resources=[r.packed for r in resources],
-                type_url=type_url,
-                nonce=nonce,
-                control_plane=CONTROL_PLANE,
-            )
+            answer.body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
         )
-        state.sent = {r.name: r.version for r in resources}
-        self._record_sent(state, nonce, version, changed_at)
+        state.sent, state.answered = sent, True
+        self._record_sent(state, nonce, answer.version, changed_at)
         metrics.XDS_PUSH_TIME.labels(self.transport).observe(time.perf_counter() - started)
 
 
 class DeltaStream(XdsStream):
-    """Incremental: only changed resources are sent, each with its own version."""
+    """Incremental: only changed resources are sent, each with its own version.
+
+    Names that leave the subscription, and services a wildcard subscriber had that are gone,
+    are listed in ``removed_resources``.
+    """
 
     transport = "delta"
 
@@ -286,9 +324,9 @@ class DeltaStream(XdsStream):
         """Apply subscription changes, record ACK/NACK, send what the proxy lacks."""
         self._connect(request.node)
         type_url = self._type_url(request.type_url)
-        state = self._types.get(type_url)
-        if state is None:
-            state = self._types[type_url] = _TypeState()
+        first = type_url not in self._types
+        state = self._state(type_url)
+        if first:
             # What the proxy already has (after a reconnect) need not be sent again.
             state.sent.update(request.initial_resource_versions)
         if request.response_nonce:
@@ -297,25 +335,18 @@ class DeltaStream(XdsStream):
                 self._record_nack(state, request.response_nonce, request.error_detail.message)
             elif version is not None:
                 self._record_ack(state, version)
-        for name in request.resource_names_subscribe:
-            if name == "*":
-                state.wildcard = True
-            else:
-                state.names.add(name)
-        for name in request.resource_names_unsubscribe:
-            if name == "*":
-                state.wildcard = False
-            else:
-                state.names.discard(name)
-                state.sent.pop(name, None)
-        self._show_subscription(state)
-        await self._push(type_url, state, None, force_empty=request.response_nonce == "")
+        subscribe = list(request.resource_names_subscribe)
+        unsubscribe = list(request.resource_names_unsubscribe)
+        if subscribe or unsubscribe:
+            self._subscribe(type_url, state, lambda s: s.change(subscribe, unsubscribe))
+        await self._push(type_url, state, None, force_empty=first and type_url != EDS_TYPE_URL)
 
-    async def on_change(self, changed_at: float) -> None:
-        """Send the subscribed resources whose version moved."""
-        for type_url, state in self._types.items():
-            if type_url == EDS_TYPE_URL:
-                await self._push(type_url, state, changed_at)
+    async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
+        """Send the subscribed resources whose version moved, and what is gone."""
+        state = self._types.get(EDS_TYPE_URL)
+        if state is not None:
+            self._refresh_targets(state, changed)
+            await self._push(EDS_TYPE_URL, state, changed_at)
 
     async def _push(
         self,
@@ -326,43 +357,42 @@ class DeltaStream(XdsStream):
         force_empty: bool = False,
     ) -> None:
         started = time.perf_counter()
-        resources = self._resources(state, type_url)
+        items = self._cache.items(state.subscription) if type_url == EDS_TYPE_URL else []
+        covered = {name for name, _ in items}
+        removed = sorted(name for name in state.sent if name not in covered)
+        for name in removed:
+            del state.sent[name]
+        resources, withheld = self._cache.resources(items)
+        if withheld:
+            metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
         changed = [r for r in resources if state.sent.get(r.name) != r.version]
-        if not changed and not (force_empty and type_url != EDS_TYPE_URL):
+        if not changed and not removed and not force_empty:
             return
-        nonce = self._next_nonce()
         for resource in changed:
             state.sent[resource.name] = resource.version
-        version = (
-            combined_version(self._cache.get(n) for n in state.sent)
-            if type_url == EDS_TYPE_URL
-            else ""
-        )
+        nonce = self._next_nonce()
+        version = _set_version(state.sent) if type_url == EDS_TYPE_URL else ""
         self._versions_by_nonce[nonce] = version
-        if len(self._versions_by_nonce) > 64:
+        if len(self._versions_by_nonce) > _REMEMBERED_NONCES:
             self._versions_by_nonce.pop(next(iter(self._versions_by_nonce)))
-        await self._send(
-            discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=version,
-                resources=[
-                    discovery_pb2.Resource(name=r.name, version=r.version, resource=r.packed)
-                    for r in changed
-                ],
-                type_url=type_url,
-                nonce=nonce,
-                control_plane=CONTROL_PLANE,
-            )
-        )
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            type_url=type_url,
+            nonce=nonce,
+            removed_resources=removed,
+            control_plane=self._cache.control_plane,
+        ).SerializeToString()
+        await self._send(header + b"".join(r.delta_chunk for r in changed))
         self._record_sent(state, nonce, version, changed_at)
         metrics.XDS_PUSH_TIME.labels(self.transport).observe(time.perf_counter() - started)
 
 
 def stream_factory(
-    registry: Registry, cache: ResourceCache, tracker: ProxyTracker, debounce: float
+    cache: XdsCache, tracker: ProxyTracker, max_names: int = DEFAULT_MAX_NAMES
 ) -> Callable[[type[XdsStream], str], XdsStream]:
-    """Build streams sharing one registry, cache and tracker."""
+    """Build streams sharing one cache and tracker."""
 
     def make(kind: type[XdsStream], service: str) -> XdsStream:
-        return kind(registry, cache, tracker, service=service, debounce=debounce)
+        return kind(cache, tracker, service=service, max_names=max_names)
 
     return make

@@ -1,0 +1,248 @@
+"""The xDS cache between the registry and the streams.
+
+- **Watches.** Streams watch the names they subscribed to (and the wildcard). One task waits
+  for registry changes, lets a debounce window pass, asks the registry which services changed
+  since it last looked, and wakes only the streams watching one of those names.
+- **Resources** are built, packed and hashed once per (name, service version) and shared.
+- **Answers**: a state-of-the-world response for a set of resources is serialised once and
+  reused by every stream (and REST poller) with that set, until one of them changes; each
+  stream only appends its nonce. REST-JSON is rendered once per set too.
+
+Everything is kept in bounded LRUs under the one rule of :mod:`sds.caching`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
+
+from sds import metrics
+from sds.caching import Lru, still_current
+from sds.model import ServiceSnapshot
+from sds.registry import Registry, short_name
+from sds.xds.resources import EDS_TYPE_URL, Resource, build_resource, combined_version
+from sds.xds.subscription import Subscription
+
+log = logging.getLogger("sds.xds")
+
+# How long the change task sleeps at most before re-checking; only bounds the wait.
+_WATCH_TIMEOUT = 30.0
+RESOURCE_CACHE_SIZE = 200_000
+ANSWER_CACHE_SIZE = 20_000
+
+
+class Watcher(Protocol):
+    """Something woken when a name it watches changes (a stream)."""
+
+    def changed(self, names: frozenset[str] | None, changed_at: float) -> None:
+        """``names`` changed (None: anything may have) at ``changed_at`` (monotonic)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A state-of-the-world answer for one set of resources, serialised once.
+
+    ``body`` is a DiscoveryResponse without a nonce; a stream sends ``body`` followed by its
+    own serialised nonce field (protobuf messages concatenate).
+    """
+
+    type_url: str
+    resources: tuple[Resource, ...]
+    version: str
+    body: bytes
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        """What the answer carries: (name, version) of each resource."""
+        return tuple((r.name, r.version) for r in self.resources)
+
+
+class XdsCache:
+    """Watch index, shared resources and shared answers over one registry."""
+
+    def __init__(
+        self, registry: Registry, *, debounce: float = 0.0, identifier: str = "envoymesh-sds"
+    ) -> None:
+        self.registry = registry
+        self.debounce = debounce
+        self.control_plane = base_pb2.ControlPlane(identifier=identifier)
+        self._watches: dict[str, set[Watcher]] = {}
+        self._wildcard: set[Watcher] = set()
+        self._resources: Lru[tuple[str, str], tuple[ServiceSnapshot, Resource]] = Lru(
+            RESOURCE_CACHE_SIZE
+        )
+        self._answers: Lru[tuple[str, tuple[tuple[str, str], ...]], Answer] = Lru(ANSWER_CACHE_SIZE)
+        self._json: Lru[tuple[str, ...], bytes] = Lru(ANSWER_CACHE_SIZE)
+        self._ambiguous: set[str] = set()
+
+    # ----- watches -------------------------------------------------------------------------
+
+    def watch(self, watcher: Watcher, names: Iterable[str], *, wildcard: bool = False) -> None:
+        """Wake ``watcher`` when one of ``names`` (or, with ``wildcard``, any name) changes."""
+        for name in names:
+            self._watches.setdefault(name, set()).add(watcher)
+        if wildcard:
+            self._wildcard.add(watcher)
+
+    def unwatch(self, watcher: Watcher, names: Iterable[str], *, wildcard: bool = False) -> None:
+        """Stop waking ``watcher`` for ``names`` (and, with ``wildcard``, for everything)."""
+        for name in names:
+            watchers = self._watches.get(name)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watches[name]
+        if wildcard:
+            self._wildcard.discard(watcher)
+
+    def watchers(self, changed: frozenset[str] | None) -> set[Watcher]:
+        """Who a change of ``changed`` concerns (None: everyone).
+
+        A change of ``usersvc.prod`` also concerns the watchers of ``usersvc``: which service
+        that plain name stands for may have changed with it.
+        """
+        if changed is None:
+            everyone = set(self._wildcard)
+            for watchers in self._watches.values():
+                everyone |= watchers
+            return everyone
+        woken: set[Watcher] = set(self._wildcard) if changed else set()
+        for name in changed:
+            woken |= self._watches.get(name, set())
+            short = short_name(name)
+            if short != name:
+                woken |= self._watches.get(short, set())
+        return woken
+
+    async def run(self) -> None:
+        """Wake the watchers of every change, one debounce window after it, until cancelled."""
+        seen = self.registry.revision
+        while True:
+            revision = await self.registry.wait_for_change(seen, timeout=_WATCH_TIMEOUT)
+            if revision <= seen:
+                continue
+            changed_at = time.monotonic()
+            if self.debounce:
+                await asyncio.sleep(self.debounce)
+            revision = self.registry.revision
+            changed = self.registry.changes_since(seen)
+            seen = revision
+            woken = self.watchers(changed)
+            metrics.XDS_WAKEUPS.inc(len(woken))
+            for watcher in woken:
+                watcher.changed(changed, changed_at)
+
+    # ----- resolution ----------------------------------------------------------------------
+
+    def resolve(self, name: str, previous: str | None = None) -> str:
+        """The service ``name`` stands for, given what it stood for before (``previous``).
+
+        A registered service of that exact name, or a qualified ``name.namespace``, is
+        itself. A plain name stands for the one ``name.<namespace>`` service. When several
+        namespaces have it, a subscriber that had resolved it keeps its target (as long as
+        that service exists) instead of losing every endpoint, and the ambiguity is counted
+        and logged; a new subscriber gets nothing until it is resolved.
+        """
+        registry = self.registry
+        if "." in name or registry.has(name):
+            return name
+        candidates = registry.qualified(name)
+        if len(candidates) == 1:
+            self._ambiguity_ended(name)
+            return next(iter(candidates))
+        if not candidates:
+            self._ambiguity_ended(name)
+            return name
+        if name not in self._ambiguous:
+            self._ambiguous.add(name)
+            metrics.XDS_AMBIGUOUS_NAMES.set(len(self._ambiguous))
+            log.warning(
+                "short name is ambiguous; subscribers keep the service they resolved",
+                extra={"short_name": name, "services": sorted(candidates)},
+            )
+        if previous is not None and previous in candidates:
+            metrics.XDS_AMBIGUOUS_KEPT.inc()
+            return previous
+        return name
+
+    def _ambiguity_ended(self, name: str) -> None:
+        if name in self._ambiguous:
+            self._ambiguous.discard(name)
+            metrics.XDS_AMBIGUOUS_NAMES.set(len(self._ambiguous))
+            log.info("short name is unambiguous again", extra={"short_name": name})
+
+    # ----- resources and answers -----------------------------------------------------------
+
+    def resource(self, name: str, target: str | None = None) -> Resource:
+        """The resource ``name`` with the endpoints of ``target`` (default: its resolution)."""
+        if target is None:
+            target = self.resolve(name)
+        snapshot = self.registry.snapshot(target)
+        cached = self._resources.get((name, target))
+        if cached is not None and still_current(cached[0], snapshot):
+            return cached[1]
+        resource = build_resource(name, snapshot)
+        self._resources.put((name, target), (snapshot, resource))
+        return resource
+
+    def items(self, subscription: Subscription) -> list[tuple[str, str]]:
+        """(name, target) of everything ``subscription`` covers right now, by name."""
+        items = {name: subscription.targets.get(name) or name for name in subscription.names}
+        if subscription.wildcard:
+            for service in self.registry.services():
+                items.setdefault(service, service)
+        return sorted(items.items())
+
+    def resources(self, items: Sequence[tuple[str, str]]) -> tuple[list[Resource], int]:
+        """The resources for ``items`` that may be sent now, and how many were held back.
+
+        Until every source has synced, an empty assignment may only mean "not learned yet"
+        (sds just restarted, registrations not back): it is withheld, so a proxy keeps the
+        endpoints it has instead of dropping them all.
+        """
+        resources = [self.resource(name, target) for name, target in items]
+        if self.registry.ready:
+            return resources, 0
+        sendable = [r for r in resources if r.endpoint_count]
+        return sendable, len(resources) - len(sendable)
+
+    def answer(self, type_url: str, items: Sequence[tuple[str, str]]) -> tuple[Answer, int]:
+        """The shared SotW answer for ``items``, and how many resources it withholds.
+
+        A type we do not serve gets an empty answer, so the proxy does not wait for one.
+        """
+        resources, withheld = self.resources(items) if type_url == EDS_TYPE_URL else ([], 0)
+        key = (type_url, tuple((r.name, r.version) for r in resources))
+        cached = self._answers.get(key)
+        if cached is not None:
+            return cached, withheld
+        version = combined_version(resources)
+        body = discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            resources=[r.packed for r in resources],
+            type_url=type_url,
+            control_plane=self.control_plane,
+        ).SerializeToString()
+        answer = Answer(type_url, tuple(resources), version, body)
+        self._answers.put(key, answer)
+        return answer, withheld
+
+    def answer_json(self, answer: Answer) -> bytes:
+        """``answer`` as REST-JSON, rendered once per set of resource versions."""
+        key = (answer.type_url, answer.version)
+        cached = self._json.get(key)
+        if cached is None:
+            message = discovery_pb2.DiscoveryResponse.FromString(answer.body)
+            cached = json_format.MessageToJson(
+                message, preserving_proto_field_name=True, indent=None
+            ).encode()
+            self._json.put(key, cached)
+        return cached
