@@ -194,7 +194,11 @@ async def test_debug_proxies_shows_a_synced_envoy(
         ]
 
     await eventually(synced)
+    # A change, pushed and ACKed, is what the convergence histogram measures.
+    publish(sds, pod(9001), pod(9002))
+    await wait_hosts(edge, {(9001, "HEALTHY", 1), (9002, "HEALTHY", 1)})
+    await eventually(synced)
     async with httpx.AsyncClient(base_url=sds.url) as client:
         metrics = (await client.get("/metrics")).text
     assert 'sds_xds_connected_streams{transport="sotw"} 1.0' in metrics
-    assert "sds_proxy_convergence_time_seconds_bucket" in metrics
+    assert 'sds_proxy_convergence_time_seconds_count{transport="sotw"}' in metrics
