@@ -1,0 +1,176 @@
+"""A fleet of ADS streams in one process, driven by bench/xds_fleet.py over stdin/stdout.
+
+``python xds_fleet_client.py TARGET FIRST COUNT SERVICES [--shared NAME] [--delta]``
+
+Stream ``i`` (FIRST <= i < FIRST + COUNT) subscribes to ``svc-{i % SERVICES}`` and, with
+``--shared``, to the shared service too, and ACKs every response at once. Streams share one
+TCP connection per STREAMS_PER_CHANNEL, as proxies behind a few nodes would not, but as a
+load generator must to stay within its file descriptors.
+
+Commands on stdin, one per line; each is answered by one JSON line on stdout:
+
+- ``status``: how many streams were served (got a first response), failed (with gRPC codes),
+  and responses received in total.
+- ``mark``: start a measurement: remember, per stream, the time of the next response.
+- ``report``: since the last mark: streams that received anything, their receipt times
+  (monotonic clock, shared by every process on Linux) as p50/p99/max/min, and the
+  count of responses per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+STREAMS_PER_CHANNEL = 100
+
+
+class Fleet:
+    """The streams and what they saw."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.served = 0
+        self.failed: Counter[str] = Counter()
+        self.responses = 0
+        self.marked: float | None = None
+        self.first_after_mark: dict[int, float] = {}
+        self.count_after_mark: Counter[int] = Counter()
+
+    def names(self, index: int) -> list[str]:
+        names = [f"svc-{index % self.args.services}"]
+        if self.args.shared:
+            names.append(self.args.shared)
+        return names
+
+    def received(self, index: int) -> None:
+        self.responses += 1
+        if self.marked is not None:
+            self.first_after_mark.setdefault(index, time.monotonic())
+            self.count_after_mark[index] += 1
+
+    async def sotw(self, channel: grpc.aio.Channel, index: int) -> None:
+        outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        node = base_pb2.Node(id=f"fleet-{index}", cluster="bench")
+        names = self.names(index)
+        outbox.put_nowait(
+            discovery_pb2.DiscoveryRequest(node=node, type_url=EDS, resource_names=names)
+        )
+
+        async def requests() -> Any:
+            while True:
+                yield await outbox.get()
+
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+            requests()
+        )
+        first = True
+        async for response in call:
+            outbox.put_nowait(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=EDS,
+                    resource_names=names,
+                    version_info=response.version_info,
+                    response_nonce=response.nonce,
+                )
+            )
+            if first:
+                first = False
+                self.served += 1
+            self.received(index)
+
+    async def delta(self, channel: grpc.aio.Channel, index: int) -> None:
+        outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        node = base_pb2.Node(id=f"fleet-{index}", cluster="bench")
+        outbox.put_nowait(
+            discovery_pb2.DeltaDiscoveryRequest(
+                node=node, type_url=EDS, resource_names_subscribe=self.names(index)
+            )
+        )
+
+        async def requests() -> Any:
+            while True:
+                yield await outbox.get()
+
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(
+            requests()
+        )
+        first = True
+        async for response in call:
+            outbox.put_nowait(
+                discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, response_nonce=response.nonce)
+            )
+            if first:
+                first = False
+                self.served += 1
+            self.received(index)
+
+    async def one(self, channel: grpc.aio.Channel, index: int) -> None:
+        try:
+            await (self.delta if self.args.delta else self.sotw)(channel, index)
+        except grpc.aio.AioRpcError as error:
+            self.failed[error.code().name] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # counted and shown, never hidden
+            self.failed[type(error).__name__] += 1
+
+    def answer(self, command: str) -> dict[str, Any]:
+        if command == "mark":
+            self.marked = time.monotonic()
+            self.first_after_mark.clear()
+            self.count_after_mark.clear()
+            return {"marked": self.marked}
+        if command == "report":
+            times = sorted(self.first_after_mark.values())
+            return {
+                "streams": len(times),
+                "times": times,
+                "max_responses_per_stream": max(self.count_after_mark.values(), default=0),
+                "responses": sum(self.count_after_mark.values()),
+            }
+        return {
+            "served": self.served,
+            "failed": dict(self.failed),
+            "responses": self.responses,
+        }
+
+
+async def main(args: argparse.Namespace) -> None:
+    fleet = Fleet(args)
+    channels = [
+        grpc.aio.insecure_channel(args.target) for _ in range(-(-args.count // STREAMS_PER_CHANNEL))
+    ]
+    tasks = [
+        asyncio.create_task(fleet.one(channels[i // STREAMS_PER_CHANNEL], args.first + i))
+        for i in range(args.count)
+    ]
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        print(json.dumps(fleet.answer(line.decode().strip())), flush=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("target")
+    parser.add_argument("first", type=int)
+    parser.add_argument("count", type=int)
+    parser.add_argument("services", type=int)
+    parser.add_argument("--shared", default="")
+    parser.add_argument("--delta", action="store_true")
+    asyncio.run(main(parser.parse_args()))
