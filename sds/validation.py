@@ -27,6 +27,17 @@ def service_name(value: str, *, qualified: bool = False) -> str:
     return value
 
 
+def json_object(body: bytes, what: str = "request body") -> dict[str, Any]:
+    """The JSON object in ``body``, else a 400 (bad JSON, too deep, or not an object)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # JSON and UTF-8 decode errors are ValueErrors
+        raise bad_request(f"{what} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"{what} must be a JSON object")
+    return data
+
+
 def ip_address(value: object) -> str:
     """The canonical form of an IPv4 or IPv6 address, else a 400."""
     if not isinstance(value, str):

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from envoymesh.limits import BodySizeLimit
 from sds import metrics
+from sds.api.text_guard import TextGuard
 from sds.errors import ApiError
 from sds.registry import Registry
 
@@ -118,6 +119,8 @@ def create_app(registry: Registry, routers: Iterable[APIRouter]) -> FastAPI:
         log.error("unhandled error", exc_info=exc)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
+    # Innermost first: the text guard buffers bodies the size limit has already bounded.
+    app.add_middleware(TextGuard)
     app.add_middleware(BodySizeLimit, max_bytes=1024 * 1024, extra_fields=dict)
     app.add_middleware(RequestMetrics)
     return app

@@ -6,7 +6,6 @@ needs a bearer token that may write the service (see :mod:`sds.api.write_access`
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -22,13 +21,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
     """The request's fields, from a JSON object or an urlencoded/multipart form."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        try:
-            data = json.loads(await request.body() or b"null")
-        except (ValueError, RecursionError):  # JSON and UTF-8 decode errors are ValueErrors
-            raise bad_request("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise bad_request("request body must be a JSON object")
-        return data
+        return validation.json_object(await request.body() or b"null")
     if content_type in ("application/x-www-form-urlencoded", "multipart/form-data", ""):
         form = await request.form(max_files=0, max_fields=64)
         return {k: v for k, v in form.items() if isinstance(v, str)}

@@ -220,7 +220,12 @@ class V1FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] == "GET" and path.startswith(self.PREFIX):
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and path.startswith(self.PREFIX)
+            and not scope["query_string"]  # the app checks and ignores queries
+        ):
             ready = self._ready.get(path)
             if (
                 ready is None

@@ -12,7 +12,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 
-from sds import metrics
+from sds import metrics, validation
 from sds.errors import bad_request
 from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
@@ -30,10 +30,10 @@ def xds_rest_router(cache: XdsCache, tracker: ProxyTracker) -> APIRouter:
         responses={304: {"description": "the request's version_info is current"}},
     )
     async def discovery(request: Request) -> Response:
-        body = await request.body()
+        document = validation.json_object(await request.body() or b"{}", "a DiscoveryRequest")
         try:
-            req = json_format.Parse(
-                body or b"{}", discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
+            req = json_format.ParseDict(
+                document, discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
             )
         except (json_format.ParseError, RecursionError) as exc:
             raise bad_request(f"not a DiscoveryRequest: {exc}") from None
