@@ -40,6 +40,16 @@ def _env(field: str, default: str) -> str:
     return os.environ.get(f"MESHCTL_{field.upper()}", default)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
 def _add_mesh_args(parser: argparse.ArgumentParser) -> None:
     for flag, field, default in PORT_FLAGS:
         parser.add_argument(
@@ -61,10 +71,11 @@ def _add_mesh_args(parser: argparse.ArgumentParser) -> None:
         help="how the edge reaches sds: ADS push or REST polling [env MESHCTL_EDGE, default ads]",
     )
     parser.add_argument(
-        "--host-ttl",
-        type=float,
-        default=float(_env("host_ttl", "15")),
-        help="seconds a replica stays registered without a heartbeat [env MESHCTL_HOST_TTL]",
+        "--heartbeat-interval",
+        type=_positive,
+        default=_env("heartbeat_interval", "5"),
+        help="seconds between replica heartbeats; sds expires a replica after 3 missed ones"
+        " [env MESHCTL_HEARTBEAT_INTERVAL, default 5]",
     )
 
 
@@ -79,7 +90,7 @@ def _settings(args: argparse.Namespace, run_dir: Path) -> MeshSettings:
         replicas=getattr(args, "replicas", 3),
         database_url=args.database_url,
         edge=args.edge,
-        host_ttl=args.host_ttl,
+        heartbeat_interval=args.heartbeat_interval,
         say=lambda line: print(line, flush=True),
         **values,
     )

@@ -45,7 +45,9 @@ class MeshSettings:
     sidecar_port: int = 10000
     admin_base: int = 9900
     database_url: str = ""
-    host_ttl: float = 15.0
+    # One interval for both sides: replicas heartbeat at it, sds derives its host TTL (3x) and
+    # warm-up (2.5x) from it. Short, so a killed replica leaves the mesh within 15 s.
+    heartbeat_interval: float = 5.0
     drain_seconds: float = 1.0
     edge: str = "ads"  # or "rest": how the edge reaches sds
     say: Callable[[str], None] = field(default=print)
@@ -222,7 +224,7 @@ class Mesh:
         self.write_token_file = self.run_dir / "sds-write-token"
         self.edge_url = f"http://127.0.0.1:{settings.edge_port}"
         self.replicas: dict[int, Replica] = {}
-        self.heartbeat_interval = max(settings.host_ttl / 3, 0.5)
+        self.heartbeat_interval = settings.heartbeat_interval
         self._lock = asyncio.Lock()
         logs = self.run_dir / "logs"
         self.sds = _Process(
@@ -244,12 +246,9 @@ class Mesh:
                     "127.0.0.1",
                     "--grpc-port",
                     str(settings.sds_grpc_port),
-                    "--host-ttl",
-                    str(settings.host_ttl),
-                    # After an sds restart, hold back empty answers until every replica has
-                    # had the chance to heartbeat again.
-                    "--registration-warmup",
-                    str(self.heartbeat_interval + 1),
+                    # The host TTL and the restart warm-up follow from it.
+                    "--heartbeat-interval",
+                    str(settings.heartbeat_interval),
                     # Every replica lives on a loopback address.
                     "--allow-loopback",
                 ],

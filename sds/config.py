@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from envoymesh.heartbeat import HEARTBEAT_INTERVAL, TTL_HEARTBEATS, WARMUP_HEARTBEATS
 from sds.model import IpFamily, Source
 
 CommaList = Annotated[list[str], NoDecode]
@@ -47,11 +48,24 @@ class Settings(BaseSettings):
         description="seconds a Kubernetes watch may stay silent before it is resumed"
         " (the API server sends a bookmark about once a minute)",
     )
-    host_ttl: float = Field(600.0, gt=0, description="seconds a registered host lives unrefreshed")
-    registration_warmup: float = Field(
-        15.0,
+    heartbeat_interval: float = Field(
+        HEARTBEAT_INTERVAL,
+        gt=0,
+        description="seconds between registered hosts' heartbeats (usersvc's"
+        " USERSVC_REGISTER_INTERVAL); the host TTL and the warm-up derive from it",
+    )
+    host_ttl: float | None = Field(
+        None,
+        gt=0,
+        description=f"seconds a registered host lives unrefreshed"
+        f" (default: {TTL_HEARTBEATS:g} times --heartbeat-interval)",
+    )
+    registration_warmup: float | None = Field(
+        None,
         ge=0,
-        description="after start, seconds to wait for heartbeats before empty answers are given",
+        description="after start, seconds to wait for heartbeats before empty answers are given"
+        f" to proxies that had hosts (default: {WARMUP_HEARTBEATS:g} times"
+        " --heartbeat-interval)",
     )
     write_token: SecretStr | None = Field(
         None, description="token for registration writes (`Authorization: Bearer <token>`)"
@@ -90,6 +104,20 @@ class Settings(BaseSettings):
         1_000, ge=1, description="xDS gRPC streams one client address may hold open"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @property
+    def effective_host_ttl(self) -> float:
+        """``host_ttl``, or its default derived from the heartbeat interval."""
+        if self.host_ttl is not None:
+            return self.host_ttl
+        return TTL_HEARTBEATS * self.heartbeat_interval
+
+    @property
+    def effective_registration_warmup(self) -> float:
+        """``registration_warmup``, or its default derived from the heartbeat interval."""
+        if self.registration_warmup is not None:
+            return self.registration_warmup
+        return WARMUP_HEARTBEATS * self.heartbeat_interval
 
     @field_validator("source", "namespace", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ class SourceStatus:
 
     ready: bool
     reason: str = ""
+    until: float | None = None  # monotonic time the source expects to be ready (a warm-up)
 
 
 # How many recent revisions remember their service; a reader further behind gets "everything".
@@ -153,14 +154,16 @@ class Registry:
 
     # ----- source status -------------------------------------------------------------------
 
-    def set_source_status(self, source: str, *, ready: bool, reason: str = "") -> None:
+    def set_source_status(
+        self, source: str, *, ready: bool, reason: str = "", until: float | None = None
+    ) -> None:
         """Record whether a source finished its initial sync, and why not.
 
         Surfaces hold back empty answers until every source is ready, so a change of
         readiness wakes the waiters like a change of endpoints does.
         """
         was_ready = self.ready
-        self._statuses[source] = SourceStatus(ready=ready, reason=reason)
+        self._statuses[source] = SourceStatus(ready=ready, reason=reason, until=until)
         if self.ready != was_ready:
             self._revision += 1
             self._log.append((self._revision, EVERYTHING))

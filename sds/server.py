@@ -64,8 +64,9 @@ class SdsServer:
         if Source.REGISTRATION.value in settings.source:
             registration = RegistrationSource(
                 self.registry,
-                host_ttl=settings.host_ttl,
-                warmup=settings.registration_warmup,
+                host_ttl=settings.effective_host_ttl,
+                warmup=settings.effective_registration_warmup,
+                heartbeat_interval=settings.heartbeat_interval,
                 limits=RegistrationLimits(
                     allow_loopback=settings.allow_loopback,
                     tags=TagLimits(

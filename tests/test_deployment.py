@@ -880,6 +880,13 @@ def test_compose_secrets_are_shared_through_one_variable_each() -> None:
         assert variable(env["USERSVC_SDS_TOKEN"]) == token
 
 
+def test_compose_replicas_and_sds_share_one_heartbeat_interval() -> None:
+    interval = compose_env("sds")["SDS_HEARTBEAT_INTERVAL"]
+    assert re.fullmatch(r"\$\{HEARTBEAT_INTERVAL:-[0-9.]+\}", interval)
+    for replica in usersvc_replicas():
+        assert compose_env(replica)["USERSVC_REGISTER_INTERVAL"] == interval
+
+
 def test_compose_images_are_pinned_to_version_tags() -> None:
     for name, service in COMPOSE["services"].items():
         tag = image_tag(service["image"])

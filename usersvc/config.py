@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from envoymesh.heartbeat import HEARTBEAT_INTERVAL
+
 
 class Settings(BaseSettings):
     """Everything usersvc can be told; see ``usersvc --help``."""
@@ -32,7 +34,11 @@ class Settings(BaseSettings):
     register_port: int = Field(
         0, ge=0, le=65535, description="port Envoy should reach, the sidecar's (default: --port)"
     )
-    register_interval: float = Field(10.0, gt=0, description="seconds between heartbeats")
+    register_interval: float = Field(
+        HEARTBEAT_INTERVAL,
+        gt=0,
+        description="seconds between heartbeats; give sds the same (SDS_HEARTBEAT_INTERVAL)",
+    )
     sds_token: SecretStr | None = Field(None, description="bearer token for sds writes")
     drain_seconds: float = Field(
         0.0, ge=0, description="on SIGTERM, deregister and keep serving this long before stopping"

@@ -67,14 +67,14 @@ def ops_router(registry: Registry, started: float) -> APIRouter:
     async def readyz() -> JSONResponse:
         statuses = registry.source_statuses()
         ready = bool(statuses) and all(s.ready for s in statuses.values())
+        now = time.monotonic()
+        sources: dict[str, dict[str, Any]] = {}
+        for name, s in statuses.items():
+            sources[name] = {"ready": s.ready, "reason": s.reason}
+            if not s.ready and s.until is not None:
+                sources[name]["remaining_seconds"] = round(max(0.0, s.until - now), 1)
         return JSONResponse(
-            {
-                "ready": ready,
-                "uptime_seconds": round(time.monotonic() - started, 3),
-                "sources": {
-                    name: {"ready": s.ready, "reason": s.reason} for name, s in statuses.items()
-                },
-            },
+            {"ready": ready, "uptime_seconds": round(now - started, 3), "sources": sources},
             status_code=200 if ready else 503,
         )
 

@@ -76,6 +76,7 @@ class RegistrationSource:
         *,
         host_ttl: float,
         warmup: float = 0.0,
+        heartbeat_interval: float | None = None,
         sweep_interval: float | None = None,
         limits: RegistrationLimits | None = None,
     ) -> None:
@@ -83,6 +84,7 @@ class RegistrationSource:
         self._limits = limits or RegistrationLimits()
         self._ttl = host_ttl
         self._warmup = warmup
+        self._interval = heartbeat_interval
         self._sweep_interval = sweep_interval or min(max(host_ttl / 10, 0.05), 30.0)
         self._hosts: dict[tuple[str, str, int], Host] = {}
         self._per_service: Counter[str] = Counter()
@@ -95,17 +97,42 @@ class RegistrationSource:
         back empty answers rather than tell proxies a service has no hosts.
         """
         status = Source.REGISTRATION.value
+        self._check_timing()
         if self._warmup:
+            basis = ""
+            if self._interval:
+                multiple = self._warmup / self._interval
+                basis = f" ({multiple:g} times the {self._interval:g}s heartbeat interval)"
             self._registry.set_source_status(
                 status,
                 ready=False,
-                reason=f"warming up: {self._warmup:g}s for registered hosts to check in again",
+                reason=f"warming up (registration): {self._warmup:g}s{basis} for registered hosts"
+                " to check in again after a start",
+                until=time.monotonic() + self._warmup,
             )
             await asyncio.sleep(self._warmup)
         self._registry.set_source_status(status, ready=True)
         while True:
             await asyncio.sleep(self._sweep_interval)
             self.expire(time.monotonic())
+
+    def _check_timing(self) -> None:
+        """Warn about timings that defeat themselves; they are allowed (tests need them)."""
+        if self._interval is None:
+            return
+        timing = {"heartbeat_interval": self._interval, "ttl": self._ttl, "warmup": self._warmup}
+        if self._ttl <= self._interval:
+            log.warning(
+                "host TTL is not longer than the heartbeat interval: live hosts will expire"
+                " between heartbeats",
+                extra=timing,
+            )
+        if 0 < self._warmup < self._interval:
+            log.warning(
+                "registration warm-up is shorter than the heartbeat interval: after a restart,"
+                " hosts may be answered as gone before they check in",
+                extra=timing,
+            )
 
     def expire(self, now: float) -> int:
         """Remove every host not heard from for ``host_ttl`` seconds (``now``: monotonic)."""
