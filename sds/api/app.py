@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from envoymesh.limits import BodySizeLimit
 from sds import metrics
+from sds.api import openapi
 from sds.api.text_guard import TextGuard
 from sds.errors import ApiError
 from sds.registry import Registry
@@ -63,7 +64,16 @@ def ops_router(registry: Registry, started: float) -> APIRouter:
     async def health() -> dict[str, Any]:
         return {"ok": True, "msg": "SDS healthy!"}
 
-    @router.get("/readyz", summary="Ready once every source finished its initial sync")
+    @router.get(
+        "/readyz",
+        summary="Ready once every source finished its initial sync",
+        responses={
+            503: {
+                "description": "a source has not synced yet (the same body)",
+                "content": {"application/json": {}},
+            }
+        },
+    )
     async def readyz() -> JSONResponse:
         statuses = registry.source_statuses()
         ready = bool(statuses) and all(s.ready for s in statuses.values())
@@ -78,7 +88,7 @@ def ops_router(registry: Registry, started: float) -> APIRouter:
             status_code=200 if ready else 503,
         )
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         services, endpoints = registry.counts()
         metrics.REGISTRY_SERVICES.set(services)
@@ -96,6 +106,7 @@ def create_app(registry: Registry, routers: Iterable[APIRouter]) -> FastAPI:
     for router in routers:
         app.include_router(router)
     app.include_router(ops_router(registry, time.monotonic()))
+    openapi.install(app)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:

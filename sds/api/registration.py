@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from sds import validation
+from sds.api.openapi import WRITE_SECURITY, errors
 from sds.api.write_access import WriteAccess
 from sds.errors import ApiError, bad_request
 from sds.sources.registration import Host, RegistrationSource
@@ -47,16 +48,31 @@ def registration_router(source: RegistrationSource, access: WriteAccess) -> APIR
 
     router = APIRouter(tags=["v1 registration"], dependencies=[Depends(authorize)])
 
-    @router.post("/v1/registration/{service}", summary="Register a host, or heartbeat it")
+    @router.post(
+        "/v1/registration/{service}",
+        summary="Register a host, or heartbeat it",
+        responses=errors(401, 403, 409, 415),
+        openapi_extra=WRITE_SECURITY,
+    )
     async def register(service: str, request: Request) -> JSONResponse:
         host = source.register(service, await read_fields(request))
         return JSONResponse(_host_json(host))
 
-    @router.delete("/v1/registration/{service}/{ip}", summary="Remove every port of an IP")
+    @router.delete(
+        "/v1/registration/{service}/{ip}",
+        summary="Remove every port of an IP",
+        responses=errors(401, 403, 404),
+        openapi_extra=WRITE_SECURITY,
+    )
     async def deregister_ip(service: str, ip: str) -> JSONResponse:
         return JSONResponse({"removed": source.deregister(service, ip)})
 
-    @router.delete("/v1/registration/{service}/{ip}/{port}", summary="Remove one instance")
+    @router.delete(
+        "/v1/registration/{service}/{ip}/{port}",
+        summary="Remove one instance",
+        responses=errors(401, 403, 404),
+        openapi_extra=WRITE_SECURITY,
+    )
     async def deregister_instance(service: str, ip: str, port: str) -> JSONResponse:
         return JSONResponse({"removed": source.deregister(service, ip, validation.port(port))})
 
@@ -67,11 +83,23 @@ def registration_router(source: RegistrationSource, access: WriteAccess) -> APIR
         source.set_weight(service, ip, fields["load_balancing_weight"])
         return Response(status_code=204)
 
-    @router.post("/v1/loadbalancing/{service}", status_code=204, summary="Weight of all hosts")
+    @router.post(
+        "/v1/loadbalancing/{service}",
+        status_code=204,
+        summary="Weight of all hosts",
+        responses=errors(401, 403, 404, 415),
+        openapi_extra=WRITE_SECURITY,
+    )
     async def weight_service(service: str, request: Request) -> Response:
         return await _weight(service, None, request)
 
-    @router.post("/v1/loadbalancing/{service}/{ip}", status_code=204, summary="Weight of one IP")
+    @router.post(
+        "/v1/loadbalancing/{service}/{ip}",
+        status_code=204,
+        summary="Weight of one IP",
+        responses=errors(401, 403, 404, 415),
+        openapi_extra=WRITE_SECURITY,
+    )
     async def weight_host(service: str, ip: str, request: Request) -> Response:
         return await _weight(service, ip, request)
 

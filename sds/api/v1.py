@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sds import metrics, validation
+from sds.api.openapi import errors
 from sds.errors import ApiError
 from sds.model import Endpoint, ServiceSnapshot
 from sds.registry import Registry
@@ -140,7 +141,10 @@ class V1Api:
         @router.get(
             "/v1/registration/{service}",
             summary="Healthy hosts of a service (Envoy v1 SDS)",
-            responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}},
+            responses={
+                304: {"description": "unchanged since the ETag sent in If-None-Match"},
+                **errors(503),
+            },
         )
         async def registration(service: str, request: Request) -> Response:
             status, body, etag = self.answer(service, request.headers.get("if-none-match"))

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 
 from sds import metrics, validation
+from sds.api.openapi import errors
 from sds.errors import bad_request
 from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
@@ -27,7 +28,7 @@ def xds_rest_router(cache: XdsCache, tracker: ProxyTracker) -> APIRouter:
         "/v3/discovery:endpoints",
         tags=["v3 xDS"],
         summary="EDS over REST: a DiscoveryRequest in, a DiscoveryResponse out (JSON)",
-        responses={304: {"description": "the request's version_info is current"}},
+        responses={304: {"description": "the request's version_info is current"}, **errors(503)},
     )
     async def discovery(request: Request) -> Response:
         document = validation.json_object(await request.body() or b"{}", "a DiscoveryRequest")
