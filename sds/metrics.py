@@ -30,6 +30,9 @@ REGISTRATIONS = Counter(
 )  # kind: new, heartbeat, change
 DEREGISTRATIONS = Counter("sds_deregistrations_total", "Hosts removed through the v1 API")
 EXPIRIES = Counter("sds_expired_hosts_total", "Registered hosts expired after --host-ttl")
+STALLS = Counter(
+    "sds_stalls_total", "Times sds found it had not run for a while and extended host TTLs"
+)
 
 HTTP_REQUESTS = Counter(
     "sds_http_requests_total", "HTTP requests served", ["method", "route", "status"]

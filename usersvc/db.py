@@ -25,6 +25,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # What a pooled connection raises when the server shut down under a running query.
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )

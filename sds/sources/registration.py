@@ -56,6 +56,10 @@ class Host:
         )
 
 
+# A sweep this much later than planned means sds itself was not running, not that it was busy.
+STALL_SLACK = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class RegistrationLimits:
     """What self-registration accepts; every bound has a flag (see :mod:`sds.config`)."""
@@ -112,9 +116,30 @@ class RegistrationSource:
             )
             await asyncio.sleep(self._warmup)
         self._registry.set_source_status(status, ready=True)
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self._sweep_interval)
-            self.expire(time.monotonic())
+            now = time.monotonic()
+            self.forgive_stall(now - last - self._sweep_interval)
+            last = now
+            self.expire(now)
+
+    def forgive_stall(self, stalled: float) -> None:
+        """Give every host back the ``stalled`` seconds in which sds itself did not run.
+
+        A host cannot check in with a server that is frozen (SIGSTOP, a paused VM, a long
+        GC pause): its heartbeats wait in the socket backlog. Expiring it the moment sds runs
+        again, before those heartbeats are read, would empty every service at once.
+        """
+        if stalled < STALL_SLACK:
+            return
+        for host in self._hosts.values():
+            host.seen += stalled
+        metrics.STALLS.inc()
+        log.warning(
+            "sds did not run for a while; host TTLs extended by that time",
+            extra={"stalled_seconds": round(stalled, 1), "hosts": len(self._hosts)},
+        )
 
     def _check_timing(self) -> None:
         """Warn about timings that defeat themselves; they are allowed (tests need them)."""
