@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
@@ -81,6 +82,10 @@ class Settings(BaseSettings):
     allow_loopback: bool = Field(
         False, description="accept registrations of loopback addresses (one-machine meshes)"
     )
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="networks (CIDR) of proxies whose X-Forwarded-For auto_ip trusts",
+    )
     max_tags: int = Field(32, ge=0, description="tags a registered host may carry")
     max_tag_key_bytes: int = Field(64, ge=1, description="UTF-8 bytes of a tag name")
     max_tag_value_bytes: int = Field(256, ge=1, description="UTF-8 bytes of a tag value")
@@ -119,13 +124,23 @@ class Settings(BaseSettings):
             return self.registration_warmup
         return WARMUP_HEARTBEATS * self.heartbeat_interval
 
-    @field_validator("source", "namespace", mode="before")
+    @field_validator("source", "namespace", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list):
             return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network such as 10.0.0.0/8") from None
         return value
 
     @field_validator("source")

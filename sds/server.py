@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 from collections.abc import Coroutine, Generator
@@ -79,7 +80,8 @@ class SdsServer:
                     max_services=settings.max_services,
                 ),
             )
-            routers.append(registration_router(registration, self.write_access))
+            proxies = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+            routers.append(registration_router(registration, self.write_access, proxies))
             self._jobs["registration"] = registration.run()
             if settings.write_tokens_file:
                 self._jobs["reload"] = self._reload_on_sighup()

@@ -376,3 +376,83 @@ async def test_bounds_are_set_by_flags(sds_process: Callable[..., Any]) -> None:
             "/v1/registration/usersvc", json={**HOST, "tags": many_tags(1), "revision": "1234"}
         )
         assert ok.status_code == 200
+
+
+# ----- auto_ip ------------------------------------------------------------------------------
+
+
+async def register_auto(sds: RunningSds, xff: str | None = None, **fields: Any) -> httpx.Response:
+    headers = {**SDS_AUTH, **({"x-forwarded-for": xff} if xff is not None else {})}
+    async with httpx.AsyncClient(base_url=sds.url, headers=headers) as client:
+        return await client.post(
+            "/v1/registration/usersvc", json={"auto_ip": True, "port": 80, **fields}
+        )
+
+
+async def test_auto_ip_registers_the_callers_address(sds: RunningSds) -> None:
+    response = await register_auto(sds)
+    assert response.status_code == 200
+    assert response.json()["ip_address"] == "127.0.0.1"
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        assert await registered(client, "usersvc") == ["127.0.0.1:80"]
+
+
+async def test_auto_ip_as_a_lyft_form_field(sds: RunningSds) -> None:
+    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as client:
+        response = await client.post(
+            "/v1/registration/usersvc", data={"auto_ip": "true", "port": "80"}
+        )
+        assert response.json()["ip_address"] == "127.0.0.1"
+
+
+async def test_auto_ip_follows_the_address_policy(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(allow_loopback=False)
+    response = await register_auto(sds)
+    assert response.status_code == 400
+    assert "loopback address" in response.json()["error"]
+
+
+async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(sds: RunningSds) -> None:
+    response = await register_auto(sds, xff="10.1.2.3")
+    assert response.json()["ip_address"] == "127.0.0.1"
+
+
+async def test_a_trusted_proxy_gives_the_last_hop(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(trusted_proxies=["127.0.0.0/8"])
+    response = await register_auto(sds, xff="203.0.113.9, 10.1.2.3")
+    assert response.status_code == 200
+    assert response.json()["ip_address"] == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("xff", "message"),
+    [
+        ("10.1.2.3, 169.254.169.254", "link-local address"),
+        ("10.1.2.3, nope", "is not an IP address"),
+        ("10.1.2.3:8080", "is not an IP address"),
+    ],
+)
+async def test_a_bad_last_hop_is_400(start_sds: Callable[..., Any], xff: str, message: str) -> None:
+    sds: RunningSds = await start_sds(trusted_proxies=["127.0.0.1/32"])
+    response = await register_auto(sds, xff=xff)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ip": "10.0.0.1"}, "either ip or auto_ip"),
+        ({"auto_ip": "maybe"}, "auto_ip must be true or false"),
+        ({"auto_ip": False}, "ip and port are required"),
+    ],
+)
+async def test_auto_ip_misuse_is_400(sds: RunningSds, fields: dict[str, Any], message: str) -> None:
+    response = await register_auto(sds, **fields)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+async def test_trusted_proxies_must_be_networks(sds_process: Callable[..., Any]) -> None:
+    with pytest.raises(RuntimeError, match="not a network"):
+        await sds_process("--trusted-proxies", "10.0.0.0/8,proxy.example")

@@ -6,6 +6,8 @@ needs a bearer token that may write the service (see :mod:`sds.api.write_access`
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -40,7 +42,47 @@ def _host_json(host: Host) -> dict[str, Any]:
     }
 
 
-def registration_router(source: RegistrationSource, access: WriteAccess) -> APIRouter:
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def caller_address(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
+    """The address a request came from, for ``auto_ip``.
+
+    The peer's address; when the peer is one of ``trusted_proxies``, the last hop it added to
+    ``X-Forwarded-For`` (earlier hops were written by whoever sent the request, so they prove
+    nothing).
+    """
+    if request.client is None:
+        raise bad_request("auto_ip: the caller's address is unknown; send ip instead")
+    peer = ipaddress.ip_address(request.client.host)
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
+    if not forwarded or not any(peer in network for network in trusted_proxies):
+        return str(peer)
+    last_hop = forwarded.rsplit(",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last_hop))
+    except ValueError:
+        raise bad_request(
+            f"auto_ip: the last hop of X-Forwarded-For, {last_hop[:80]!r}, is not an IP address"
+        ) from None
+
+
+def _auto_ip(fields: dict[str, Any]) -> bool:
+    value = fields.get("auto_ip", False)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", ""):
+        return value.lower() in ("true", "1")
+    if isinstance(value, bool):
+        return value
+    raise bad_request("auto_ip must be true or false")
+
+
+def registration_router(
+    source: RegistrationSource,
+    access: WriteAccess,
+    trusted_proxies: Sequence[IPNetwork] = (),
+) -> APIRouter:
     """POST/DELETE registration and load-balancing routes, each write checked by ``access``."""
 
     async def authorize(request: Request) -> None:
@@ -55,7 +97,12 @@ def registration_router(source: RegistrationSource, access: WriteAccess) -> APIR
         openapi_extra=WRITE_SECURITY,
     )
     async def register(service: str, request: Request) -> JSONResponse:
-        host = source.register(service, await read_fields(request))
+        fields = await read_fields(request)
+        if _auto_ip(fields):
+            if fields.get("ip"):
+                raise bad_request("send either ip or auto_ip=true, not both")
+            fields["ip"] = caller_address(request, trusted_proxies)
+        host = source.register(service, fields)
         return JSONResponse(_host_json(host))
 
     @router.delete(
