@@ -12,9 +12,9 @@ Commands on stdin, one per line; each is answered by one JSON line on stdout:
 - ``status``: how many streams were served (got a first response), failed (with gRPC codes),
   and responses received in total.
 - ``mark``: start a measurement: remember, per stream, the time of the next response.
-- ``report``: since the last mark: streams that received anything, their receipt times
-  (monotonic clock, shared by every process on Linux) as p50/p99/max/min, and the
-  count of responses per stream.
+- ``report``: since the last mark: how many streams received anything, the time each first
+  did (monotonic clock, shared by every process on Linux), and responses per stream.
+- ``report-all``: since the last mark, every receipt time per stream index.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ class Fleet:
         self.failed: Counter[str] = Counter()
         self.responses = 0
         self.marked: float | None = None
-        self.first_after_mark: dict[int, float] = {}
-        self.count_after_mark: Counter[int] = Counter()
+        self.after_mark: dict[int, list[float]] = {}
 
     def names(self, index: int) -> list[str]:
         names = [f"svc-{index % self.args.services}"]
@@ -56,8 +55,7 @@ class Fleet:
     def received(self, index: int) -> None:
         self.responses += 1
         if self.marked is not None:
-            self.first_after_mark.setdefault(index, time.monotonic())
-            self.count_after_mark[index] += 1
+            self.after_mark.setdefault(index, []).append(time.monotonic())
 
     async def sotw(self, channel: grpc.aio.Channel, index: int) -> None:
         outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
@@ -128,17 +126,17 @@ class Fleet:
     def answer(self, command: str) -> dict[str, Any]:
         if command == "mark":
             self.marked = time.monotonic()
-            self.first_after_mark.clear()
-            self.count_after_mark.clear()
+            self.after_mark.clear()
             return {"marked": self.marked}
         if command == "report":
-            times = sorted(self.first_after_mark.values())
             return {
-                "streams": len(times),
-                "times": times,
-                "max_responses_per_stream": max(self.count_after_mark.values(), default=0),
-                "responses": sum(self.count_after_mark.values()),
+                "streams": len(self.after_mark),
+                "times": sorted(times[0] for times in self.after_mark.values()),
+                "max_responses_per_stream": max(map(len, self.after_mark.values()), default=0),
+                "responses": sum(map(len, self.after_mark.values())),
             }
+        if command == "report-all":
+            return {"times": {str(index): times for index, times in self.after_mark.items()}}
         return {
             "served": self.served,
             "failed": dict(self.failed),
