@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     max_streams_per_peer: int = Field(
         1_000, ge=1, description="xDS gRPC streams one client address may hold open"
     )
+    max_connection_age: float = Field(
+        1800.0,
+        ge=0,
+        description="seconds before a gRPC connection is asked to reconnect (gRPC adds up to "
+        "10 percent jitter), so proxies spread over every replica after a rollout; 0: never",
+    )
+    max_connection_age_grace: float = Field(
+        60.0, ge=0, description="seconds a connection past its age may still finish its streams"
+    )
+    identifier: str = Field(
+        "",
+        description="control_plane.identifier sent to proxies "
+        "(default: envoymesh-sds/<$POD_NAME, else the hostname>)",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @property

@@ -6,6 +6,9 @@ Histograms of xDS push and convergence time use Istio's bucket boundaries
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REGISTRY_SERVICES = Gauge("sds_registry_services", "Services with at least one endpoint")
@@ -74,3 +77,30 @@ XDS_CONVERGENCE = Histogram(
     ["transport"],
     buckets=(0.1, 0.5, 1, 3, 5, 10, 20, 30),
 )
+
+EVENT_LOOP_LAG = Histogram(
+    "sds_event_loop_lag_seconds",
+    "How late the event loop ran a timer (everything sds does waits this long)",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+EVENT_LOOP_LAG_MAX = Gauge(
+    "sds_event_loop_lag_max_seconds", "Largest event-loop lag over the last ten seconds"
+)
+
+# How often the lag is sampled; a sleep this long is asked for and the overshoot measured.
+LAG_INTERVAL = 0.25
+
+
+async def measure_event_loop_lag() -> None:
+    """Sample the event loop's lag until cancelled (a background job of sds)."""
+    worst, window_start = 0.0, time.monotonic()
+    while True:
+        asked = time.monotonic()
+        await asyncio.sleep(LAG_INTERVAL)
+        now = time.monotonic()
+        lag = max(0.0, now - asked - LAG_INTERVAL)
+        EVENT_LOOP_LAG.observe(lag)
+        worst = max(worst, lag)
+        if now - window_start >= 10:
+            EVENT_LOOP_LAG_MAX.set(worst)
+            worst, window_start = 0.0, now

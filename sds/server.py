@@ -7,13 +7,16 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import signal
+import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
 
 import uvicorn
 from fastapi import APIRouter
 
+from sds import metrics
 from sds.api.app import create_app
 from sds.api.registration import registration_router
 from sds.api.v1 import V1Api, V1FastPath
@@ -40,6 +43,13 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
+def identifier(settings: Settings) -> str:
+    """This replica's ``control_plane.identifier``: from the pod name on Kubernetes."""
+    if settings.identifier:
+        return settings.identifier
+    return f"envoymesh-sds/{os.environ.get('POD_NAME') or socket.gethostname()}"
+
+
 class SdsServer:
     """The discovery server: its registry, sources and HTTP surface."""
 
@@ -48,9 +58,12 @@ class SdsServer:
         self.registry = Registry()
         self._jobs: dict[str, Coroutine[Any, Any, None]] = {}
         self.proxies = ProxyTracker()
-        self.xds = XdsCache(self.registry, debounce=settings.xds_debounce)
+        self.xds = XdsCache(
+            self.registry, debounce=settings.xds_debounce, identifier=identifier(settings)
+        )
         self._make_stream = stream_factory(self.xds, self.proxies, settings.max_subscriptions)
         self._jobs["xds-cache"] = self.xds.run()
+        self._jobs["event-loop-lag"] = metrics.measure_event_loop_lag()
         v1 = V1Api(self.registry, settings.env)
         routers: list[APIRouter] = [
             v1.router(),
@@ -161,6 +174,8 @@ class SdsServer:
             self.settings.grpc_host,
             self.settings.grpc_port,
             max_streams_per_peer=self.settings.max_streams_per_peer,
+            max_connection_age=self.settings.max_connection_age,
+            max_connection_age_grace=self.settings.max_connection_age_grace,
         )
         tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
         http = asyncio.create_task(self._http.serve(), name="http")

@@ -133,6 +133,25 @@ async def test_envoy_drops_every_host_when_the_service_disappears(
     await wait_hosts(edge, {(9003, "HEALTHY", 1)})
 
 
+async def test_envoy_reconnects_when_its_connection_ages_and_keeps_following(
+    start_sds: Callable[..., Any], start_envoy: Callable[..., Any]
+) -> None:
+    sds: RunningSds = await start_sds(
+        xds_debounce=0.0, max_connection_age=1.0, max_connection_age_grace=0.5
+    )
+    publish(sds, pod(9001))
+    edge, _ = await start_edge(start_envoy, "ads", sds)
+    await wait_hosts(edge, {(9001, "HEALTHY", 1)})
+    [first] = [p.id for p in sds.server.proxies.all()]
+
+    async def reconnected() -> bool:
+        return any(p.id != first and p.state == "SYNCED" for p in sds.server.proxies.all())
+
+    await eventually(reconnected, timeout=20)
+    publish(sds, pod(9002))
+    await wait_hosts(edge, {(9002, "HEALTHY", 1)})
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_traffic_through_envoy_reaches_the_registered_backends(
     start_sds: Callable[..., Any],

@@ -53,6 +53,22 @@ _SERVER_OPTIONS = [
 ]
 
 
+def server_options(max_connection_age: float, grace: float) -> list[tuple[str, int]]:
+    """gRPC server options; connections are recycled after ``max_connection_age`` seconds.
+
+    gRPC core spreads the age by up to 10 % either way (jitter), so a fleet that connected in
+    one burst does not reconnect in one; after a GOAWAY, streams get ``grace`` seconds before
+    the connection closes, and proxies reconnect, through the Service, to any replica.
+    """
+    options = list(_SERVER_OPTIONS)
+    if max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+        ]
+    return options
+
+
 def _raw(message: bytes) -> bytes:
     return message
 
@@ -217,9 +233,11 @@ async def start_grpc_server(
     port: int,
     *,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+    max_connection_age: float = 0.0,
+    max_connection_age_grace: float = 0.0,
 ) -> grpc.aio.Server:
     """Bind and start the xDS gRPC server; stop it with ``await server.stop(grace)``."""
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(max_connection_age, max_connection_age_grace))
     server.add_generic_rpc_handlers(_handlers(StreamGate(make, max_streams_per_peer), cache))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:

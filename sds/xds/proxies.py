@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class ProxyStatus:
     connected_since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     id: int = field(default_factory=lambda: next(_ids))
+    # Per type: what was subscribed and sent (names, versions, nonces); for one node's page.
+    detail: Callable[[], dict[str, Any]] | None = None
 
     @property
     def state(self) -> str:
@@ -67,9 +70,9 @@ class ProxyStatus:
             return "SYNCED"
         return "STALE"
 
-    def as_json(self) -> dict[str, Any]:
-        """The fields ``/debug/proxies`` shows."""
-        return {
+    def as_json(self, *, detail: bool = False) -> dict[str, Any]:
+        """The fields ``/debug/proxies`` shows; with ``detail``, what was sent, per type."""
+        shown = {
             "id": self.id,
             "node_id": self.node_id,
             "cluster": self.cluster,
@@ -88,6 +91,9 @@ class ProxyStatus:
             "connected_since": self.connected_since,
             "last_seen": self.last_seen,
         }
+        if detail and self.detail is not None:
+            shown["types"] = self.detail()
+        return shown
 
 
 class ProxyTracker:

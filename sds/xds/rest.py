@@ -55,8 +55,12 @@ def xds_rest_router(cache: XdsCache, tracker: ProxyTracker) -> APIRouter:
         "/debug/proxies",
         tags=["operations"],
         summary="Every connected proxy and how far it is in sync (like istioctl proxy-status)",
+        description="With `node`, only that node's streams, each with what it was sent per "
+        "resource type: subscribed names, the version of every resource sent, and nonces.",
     )
-    async def proxies() -> dict[str, Any]:
-        return {"proxies": [p.as_json() for p in tracker.all()]}
+    async def proxies(node: str | None = None) -> dict[str, Any]:
+        if node is None:
+            return {"proxies": [p.as_json() for p in tracker.all()]}
+        return {"proxies": [p.as_json(detail=True) for p in tracker.all() if p.node_id == node]}
 
     return router

@@ -156,7 +156,25 @@ class XdsStream:
     def _connect(self, node: base_pb2.Node) -> None:
         if self.status is None:
             self.status = self._tracker.connect(node, self.transport, self._service, self.peer)
+            self.status.detail = self._detail
         self.status.last_seen = time.time()
+
+    def _detail(self) -> dict[str, Any]:
+        return {
+            type_url: {
+                "subscribed": state.subscription.listed(),
+                "resolved": {
+                    name: target
+                    for name, target in sorted(state.subscription.targets.items())
+                    if name != target
+                },
+                "sent": dict(sorted(state.sent.items())),
+                "version_sent": state.version,
+                "nonce_sent": state.nonce,
+                "awaiting_ack": state.pending_change is not None,
+            }
+            for type_url, state in self._types.items()
+        }
 
     def _type_url(self, type_url: str) -> str:
         if self._service == "eds":
