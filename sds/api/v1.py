@@ -18,12 +18,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sds import metrics, validation
 from sds.api.openapi import errors
+from sds.caching import Lru, still_current
 from sds.errors import ApiError
 from sds.model import Endpoint, ServiceSnapshot
 from sds.registry import Registry
 
 # A heartbeat moves only ``last_check_in``; answers show it at most this many seconds late.
 CHECK_IN_REFRESH = 1.0
+# Rendered and prepared answers kept (bounded LRUs).
+ANSWER_CACHE_SIZE = 100_000
 
 
 def host_json(service: str, endpoint: Endpoint) -> dict[str, Any]:
@@ -74,34 +77,29 @@ class V1Api:
     def __init__(self, registry: Registry, env: str) -> None:
         self._registry = registry
         self._env = env
-        self._cache: dict[str, _Rendered] = {}
+        self._cache: Lru[str, _Rendered] = Lru(ANSWER_CACHE_SIZE)
 
-    def _render(self, name: str) -> tuple[bytes, str, bool]:
-        """The answer's body, its ETag, and whether it lists any host.
+    def _snapshot(self, name: str) -> ServiceSnapshot:
+        return self._registry.snapshot(self._registry.resolve(name))
 
-        Rendered once per snapshot. Heartbeats make new snapshots (for ``last_check_in``)
-        without a new version; those re-render at most every CHECK_IN_REFRESH seconds and
-        keep the ETag.
+    def _render(self, name: str) -> _Rendered:
+        """The answer for ``name``, rendered once per service version (see :mod:`sds.caching`).
+
+        Heartbeats make new snapshots (for ``last_check_in``) without a new version; those
+        re-render at most every CHECK_IN_REFRESH seconds and keep the ETag.
         """
-        snap = self._registry.snapshot(self._registry.resolve(name))
+        snap = self._snapshot(name)
         cached = self._cache.get(name)
-        if cached is not None and cached.snapshot is snap:
-            return cached.body, cached.etag, cached.has_hosts
         now = time.monotonic()
-        if (
-            cached is not None
-            and (cached.snapshot.name, cached.snapshot.version) == (snap.name, snap.version)
-            and now - cached.rendered_at < CHECK_IN_REFRESH
+        if cached is not None and still_current(
+            cached.snapshot, snap, age=now - cached.rendered_at, refresh=CHECK_IN_REFRESH
         ):
-            return cached.body, cached.etag, cached.has_hosts
+            return cached
         hosts = [host_json(snap.name, e) for e in snap.healthy]
         body = json.dumps(
             {"service": name, "env": self._env, "hosts": hosts}, separators=(",", ":")
         ).encode()
-        if cached is not None and (cached.snapshot.name, cached.snapshot.version) == (
-            snap.name,
-            snap.version,
-        ):
+        if cached is not None and still_current(cached.snapshot, snap):
             etag = cached.etag  # same routing, only check-in times moved
         else:
             # Weak: identifies what a proxy routes on (not last_check_in), and a content hash,
@@ -109,30 +107,41 @@ class V1Api:
             routed = [{k: v for k, v in h.items() if k != "last_check_in"} for h in hosts]
             digest = hashlib.sha256(json.dumps([name, routed], sort_keys=True).encode())
             etag = f'W/"{digest.hexdigest()[:20]}"'
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[name] = _Rendered(snap, body, etag, bool(hosts), now)
-        return body, etag, bool(hosts)
+        rendered = _Rendered(snap, body, etag, bool(hosts), now)
+        self._cache.put(name, rendered)
+        return rendered
 
-    @property
-    def revision(self) -> int:
-        """The registry revision; answers prepared at an older one may be stale."""
-        return self._registry.revision
-
-    def answer(self, service: str, if_none_match: str | None) -> tuple[int, bytes, str]:
-        """(status 200 or 304, body, ETag) for ``GET /v1/registration/{service}``.
+    def prepared(self, service: str) -> _Rendered:
+        """The 200 answer for ``GET /v1/registration/{service}``.
 
         Raises :class:`ApiError`: 400 for an invalid name; 503 for a service with no hosts
         while sources are still syncing (not learned yet is not "no hosts", and v1 clients
         keep their hosts on a non-200).
         """
         validation.service_name(service, qualified=True)
-        body, etag, has_hosts = self._render(service)
-        if not has_hosts and not self._registry.ready:
+        rendered = self._render(service)
+        if not rendered.has_hosts and not self._registry.ready:
             raise ApiError(503, "sds has not synced its sources yet; keep your hosts and retry")
-        if etag_matches(if_none_match, etag):
-            return 304, b"", etag
-        return 200, body, etag
+        return rendered
+
+    def still_valid(self, rendered: _Rendered, service: str) -> bool:
+        """Whether a prepared answer for ``service`` may still be served as it is."""
+        return (rendered.has_hosts or self._registry.ready) and still_current(
+            rendered.snapshot,
+            self._snapshot(service),
+            age=time.monotonic() - rendered.rendered_at,
+            refresh=CHECK_IN_REFRESH,
+        )
+
+    def answer(self, service: str, if_none_match: str | None) -> tuple[int, bytes, str]:
+        """(status 200 or 304, body, ETag) for ``GET /v1/registration/{service}``.
+
+        Raises :class:`ApiError` as :meth:`prepared` does.
+        """
+        rendered = self.prepared(service)
+        if etag_matches(if_none_match, rendered.etag):
+            return 304, b"", rendered.etag
+        return 200, rendered.body, rendered.etag
 
     def router(self) -> APIRouter:
         """The routes, ready to include in the app."""
@@ -170,13 +179,11 @@ class V1Api:
 
 @dataclass(frozen=True, slots=True)
 class _Ready:
-    """A prepared 200 answer, valid while the registry revision stays (CHECK_IN_REFRESH at most)."""
+    """A prepared 200 answer with its headers, valid as long as its rendering is."""
 
-    revision: int
-    made: float
-    etag: str
+    rendered: _Rendered
+    service: str
     headers: list[tuple[bytes, bytes]]
-    body: bytes
 
 
 class V1FastPath:
@@ -185,8 +192,9 @@ class V1FastPath:
     Legacy pollers hit this one path far more than any other; the answer is a cached byte
     string, so the framework's per-request machinery would be most of the cost. Anything
     unusual (an error, another method or path) goes on to the app, which answers it the
-    same way through :meth:`V1Api.answer`. Prepared answers follow the registry revision; a
-    heartbeat-only refresh of ``last_check_in`` shows within CHECK_IN_REFRESH seconds.
+    same way through :meth:`V1Api.answer`. Prepared answers follow their service's version
+    (the rule of :mod:`sds.caching`); a heartbeat-only refresh of ``last_check_in`` shows
+    within CHECK_IN_REFRESH seconds.
     """
 
     PREFIX = "/v1/registration/"
@@ -195,7 +203,7 @@ class V1FastPath:
     def __init__(self, app: ASGIApp, api: V1Api) -> None:
         self.app = app
         self.api = api
-        self._ready: dict[str, _Ready] = {}
+        self._ready: Lru[str, _Ready] = Lru(ANSWER_CACHE_SIZE)
         self._counted = {
             status: metrics.HTTP_REQUESTS.labels("GET", self.ROUTE, str(status))
             for status in (200, 304)
@@ -203,23 +211,19 @@ class V1FastPath:
 
     def _prepare(self, path: str, service: str) -> _Ready | None:
         try:
-            _, body, etag = self.api.answer(service, None)
+            rendered = self.api.prepared(service)
         except ApiError:
             return None  # the app formats errors
-        if len(self._ready) > 100_000:
-            self._ready.clear()
         ready = _Ready(
-            self.api.revision,
-            time.monotonic(),
-            etag,
+            rendered,
+            service,
             [
-                (b"etag", etag.encode("latin-1")),
+                (b"etag", rendered.etag.encode("latin-1")),
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(len(rendered.body)).encode()),
             ],
-            body,
         )
-        self._ready[path] = ready
+        self._ready.put(path, ready)
         return ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -231,11 +235,7 @@ class V1FastPath:
             and not scope["query_string"]  # the app checks and ignores queries
         ):
             ready = self._ready.get(path)
-            if (
-                ready is None
-                or ready.revision != self.api.revision
-                or time.monotonic() - ready.made >= CHECK_IN_REFRESH
-            ):
+            if ready is None or not self.api.still_valid(ready.rendered, ready.service):
                 service = path[len(self.PREFIX) :]
                 ready = self._prepare(path, service) if service and "/" not in service else None
             if ready is not None:
@@ -243,7 +243,7 @@ class V1FastPath:
                 for key, value in scope["headers"]:
                     if key == b"if-none-match":
                         if_none_match = value.decode("latin-1")
-                if if_none_match is not None and etag_matches(if_none_match, ready.etag):
+                if if_none_match is not None and etag_matches(if_none_match, ready.rendered.etag):
                     await send(
                         {"type": "http.response.start", "status": 304, "headers": ready.headers[:1]}
                     )
@@ -251,7 +251,7 @@ class V1FastPath:
                     self._counted[304].inc()
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": ready.headers})
-                await send({"type": "http.response.body", "body": ready.body})
+                await send({"type": "http.response.body", "body": ready.rendered.body})
                 self._counted[200].inc()
                 return
         await self.app(scope, receive, send)
