@@ -1,10 +1,13 @@
 """An ASGI middleware that refuses request bodies over a size limit with our JSON 413.
 
+The body is read in full (at most ``max_bytes``) before the app is called, so an oversized body
+is refused before any endpoint runs, whether it declares a Content-Length or arrives chunked.
 Starlette's own limit answers in plain text; our services answer every error in JSON.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +17,11 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# After refusing, read and discard at most this much more of the body (and for at most
+# DRAIN_SECONDS): a client still sending then reads the 413 instead of a connection reset.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 1.0
 
 
 class BodySizeLimit:
@@ -29,7 +37,9 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
         self.extra_fields = extra_fields
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, receive: Receive, send: Send, more_body: bool) -> None:
+        if more_body:
+            await _drain(receive)
         body = json.dumps(
             {
                 "ok": False,
@@ -56,32 +66,47 @@ class BodySizeLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(receive, send, more_body=True)
                 return
 
+        chunks: list[bytes] = []
         received = 0
-        too_large = False
-        refused = False
-
-        async def limited_receive() -> Message:
-            # Past the limit, end the body early; the app's answer is then replaced by a 413.
-            nonlocal received, too_large
-            if too_large:
-                return {"type": "http.request", "body": b"", "more_body": False}
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete: nobody to answer
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            more = bool(message.get("more_body", False))
+            if received > self.max_bytes:
+                await self._refuse(receive, send, more_body=more)
+                return
+            chunks.append(chunk)
+            if not more:
+                break
 
-        async def replacing_send(message: Message) -> None:
-            nonlocal refused
-            if not too_large:
-                await send(message)
-            elif not refused:
-                refused = True
-                await self._refuse(send)
+        replayed = False
 
-        await self.app(scope, limited_receive, replacing_send)
+        async def replay() -> Message:
+            # The whole body at once; after that, whatever the server says next (disconnect).
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of a refused body, within the drain budget."""
+    drained = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while drained <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+    except TimeoutError:
+        return

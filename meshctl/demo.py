@@ -1,7 +1,9 @@
 """``meshctl demo``: the tutorial's walkthrough, for real, narrated step by step.
 
-Health through the edge, PUT alice and bob, GET them back, scale usersvc from 1 to 3
-replicas, then 12 GETs through the edge that must cycle over the 3 replicas, 4 times each.
+Health through the edge, PUT alice and bob, GET them back, a stranger's PUT of alice refused
+(401), scale usersvc from 1 to 3 replicas, then 12 GETs through the edge that must cycle over
+the 3 replicas, 4 times each. Each user is saved with its own credentials, so a second run
+updates the users the first one created (200) instead of being refused.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import httpx
 
 from meshctl.mesh import Mesh, MeshSettings
 from meshctl.table import render_table
+
+# The demo's users' password: the demo proves it to update them on a second run.
+DEMO_PASSWORD = "pw"  # noqa: S105 - a demo account, shown in the walkthrough
 
 
 class StepFailed(Exception):
@@ -64,11 +69,29 @@ async def run_demo(settings: MeshSettings) -> int:
         return f"{body['msg']} (answered by {body['hostname']} at {body['resolvedname']})"
 
     async def put(name: str, fullname: str) -> str:
-        response = await client.put(f"/user/{name}", json={"fullname": fullname, "password": "pw"})
+        # Creating needs no credentials; they make the PUT an update if the user exists.
+        response = await client.put(
+            f"/user/{name}",
+            json={"fullname": fullname, "password": DEMO_PASSWORD},
+            auth=(name, DEMO_PASSWORD),
+        )
         if response.status_code not in (200, 201):
             raise StepFailed(f"HTTP {response.status_code}: {response.text[:200]}")
         body = _body(response)
-        return f"{name} has uuid {body['uuid']}"
+        done = "created" if response.status_code == 201 else "updated by its owner"
+        return f"{name} {done} (HTTP {response.status_code}), uuid {body['uuid']}"
+
+    async def takeover() -> str:
+        response = await client.put(
+            "/user/alice", json={"fullname": "Mallory", "password": "stolen"}
+        )
+        body = _body(response)
+        if response.status_code != 401 or body.get("ok") is not False:
+            raise StepFailed(f"expected 401, got {response.status_code}: {body}")
+        kept = _expect(await client.get("/user/alice"), 200)["fullname"]
+        if kept != "Alice Liddell":
+            raise StepFailed(f"alice's fullname changed to {kept!r}")
+        return f"HTTP 401 ({body['error']}); alice is still {kept}"
 
     async def get_both() -> str:
         names = []
@@ -100,6 +123,7 @@ async def run_demo(settings: MeshSettings) -> int:
         await step("PUT alice", lambda: put("alice", "Alice Liddell"))
         await step("PUT bob", lambda: put("bob", "Bob Builder"))
         await step("GET alice and bob", get_both)
+        await step("PUT alice without her password is refused", takeover)
         await step("Scale usersvc from 1 to 3 replicas", scale)
         await step("12 GETs of /user/alice through the edge", round_robin)
     except StepFailed as failed:
@@ -110,6 +134,6 @@ async def run_demo(settings: MeshSettings) -> int:
         say("\nstopping the mesh ...")
         await asyncio.shield(mesh.stop())
     say("\n" + render_table(("STEP", "RESULT", "DETAIL"), results))
-    ok = len(results) == 7 and all(r[1] == "ok" for r in results)
+    ok = len(results) == 8 and all(r[1] == "ok" for r in results)
     say("\nAll steps held." if ok else "\nThe demo did not complete.")
     return 0 if ok else 1

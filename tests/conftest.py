@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 import yaml
 
 from envoymesh.ports import free_port
@@ -34,6 +36,8 @@ DATA = ROOT / "tests" / "data"
 # Test sds servers guard writes the secure way, with this token; test usersvcs send it.
 SDS_WRITE_TOKEN = secrets.token_urlsafe(24)
 SDS_AUTH = {"authorization": f"Bearer {SDS_WRITE_TOKEN}"}
+# The admin token of the ``usersvc`` fixture.
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -90,22 +94,68 @@ def usersvc_settings(database_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture
-async def usersvc(postgres_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client wired to the usersvc ASGI app (lifespan run) on a clean database."""
-    conn = await asyncpg.connect(postgres_url)
+class _QuietServer(uvicorn.Server):
+    """uvicorn that leaves the test process's signal handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_http(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port (lifespan run); yield its URL."""
+    port = free_port()
+    server = _QuietServer(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, lifespan="on", server_header=False
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn stopped during start-up")
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+async def clean_database(database_url: str) -> None:
+    """Drop usersvc's tables so the next app starts from an empty schema."""
+    conn = await asyncpg.connect(database_url)
     try:
         await conn.execute("DROP TABLE IF EXISTS users, schema_migrations")
     finally:
         await conn.close()
-    app = create_app(usersvc_settings(postgres_url))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://usersvc"
-        ) as client,
-    ):
-        yield client
+
+
+@pytest.fixture
+async def start_usersvc(postgres_url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start usersvc apps served over real HTTP on loopback, on a clean database.
+
+    ``await start_usersvc(**settings_overrides)`` gives an ``httpx.AsyncClient`` for it.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> httpx.AsyncClient:
+            await clean_database(postgres_url)
+            app = create_app(usersvc_settings(**{"database_url": postgres_url, **overrides}))
+            base = await stack.enter_async_context(serve_http(app))
+            return await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=30))
+
+        yield start
+
+
+@pytest.fixture
+async def usersvc(start_usersvc: Callable[..., Any]) -> httpx.AsyncClient:
+    """An HTTP client for a usersvc (admin token ``ADMIN_TOKEN``) on a clean database."""
+    client: httpx.AsyncClient = await start_usersvc(admin_token=ADMIN_TOKEN)
+    return client
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ from meshctl.mesh import Mesh, MeshSettings, free_mesh_ports
 
 pytestmark = pytest.mark.slow
 
+# alice's credentials: creating her ignores them; where she exists, they make the PUT an update.
+ALICE_AUTH = ("alice", "pw")
+
 
 @pytest.fixture
 async def start_mesh(tmp_path: Path, postgres_url: str) -> AsyncIterator[Callable[..., Any]]:
@@ -53,7 +56,9 @@ async def get_alice(client: httpx.AsyncClient) -> str:
 async def test_edge_round_robins_over_three_replicas(start_mesh: Callable[..., Any]) -> None:
     mesh: Mesh = await start_mesh(3)
     async with httpx.AsyncClient(base_url=mesh.edge_url) as client:
-        await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+        await client.put(
+            "/user/alice", json={"fullname": "Alice", "password": "pw"}, auth=ALICE_AUTH
+        )
         seen = Counter([await get_alice(client) for _ in range(12)])
     assert seen == {r.at.address: 4 for r in mesh.replicas.values()}
 
@@ -66,7 +71,7 @@ async def test_added_replica_gets_traffic_within_a_second_of_registering(
         httpx.AsyncClient(base_url=mesh.edge_url) as edge,
         httpx.AsyncClient(base_url=mesh.sds_url) as sds,
     ):
-        await edge.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+        await edge.put("/user/alice", json={"fullname": "Alice", "password": "pw"}, auth=ALICE_AUTH)
         scaling = asyncio.create_task(mesh.scale(4))
         async with asyncio.timeout(60):
             while len((await sds.get("/v1/registration/usersvc")).json()["hosts"]) < 4:
@@ -133,7 +138,9 @@ async def test_users_written_through_the_edge_are_readable_on_every_replica(
     mesh: Mesh = await start_mesh(3)
     async with httpx.AsyncClient() as client:
         put = await client.put(
-            f"{mesh.edge_url}/user/carol", json={"fullname": "Carol", "password": "pw"}
+            f"{mesh.edge_url}/user/carol",
+            json={"fullname": "Carol", "password": "pw"},
+            auth=("carol", "pw"),
         )
         assert put.status_code in (200, 201)
         for replica in mesh.replicas.values():
@@ -160,14 +167,22 @@ async def run(argv: list[str], log: Path, timeout: float = 60) -> tuple[int, str
     return code, log.read_text()
 
 
-async def test_meshctl_demo_walks_the_tutorial_and_exits_zero(
+async def test_meshctl_demo_walks_the_tutorial_and_exits_zero_twice_in_a_row(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    argv = meshctl("demo", f"--run-dir={tmp_path / 'demo'}", *port_args(free_mesh_ports()))
-    code, output = await run([*argv, f"--database-url={postgres_url}"], tmp_path / "demo.out", 120)
-    assert code == 0, output
-    assert "each of the 3 replicas answered exactly 4 times" in output
-    assert "All steps held." in output
+    # The second run meets the users the first one saved: it updates them as their owner.
+    for attempt in (1, 2):
+        ports = port_args(free_mesh_ports())
+        argv = meshctl("demo", f"--run-dir={tmp_path / f'demo{attempt}'}", *ports)
+        code, output = await run(
+            [*argv, f"--database-url={postgres_url}"], tmp_path / f"demo{attempt}.out", 120
+        )
+        assert code == 0, output
+        if attempt == 2:
+            assert "alice updated by its owner (HTTP 200)" in output
+        assert "PUT alice without her password is refused" in output
+        assert "each of the 3 replicas answered exactly 4 times" in output
+        assert "All steps held." in output
 
 
 async def test_meshctl_up_scale_status_proxy_status_and_clean_stop(
@@ -241,7 +256,9 @@ async def test_edge_keeps_every_replica_while_sds_restarts(start_mesh: Callable[
         mesh.sds.proc.send_signal(signal.SIGKILL)
         seen: Counter[str] = Counter()
         async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
-            await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+            await client.put(
+                "/user/alice", json={"fullname": "Alice", "password": "pw"}, auth=ALICE_AUTH
+            )
             async with asyncio.timeout(60):
                 while mesh.sds.restarts == 0 or not mesh.sds.running():
                     seen[await get_alice(client)] += 1

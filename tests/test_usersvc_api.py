@@ -1,8 +1,9 @@
-"""The usersvc HTTP contract, exercised through the ASGI app on a real PostgreSQL."""
+"""The usersvc HTTP contract, over real HTTP against usersvc on a real PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 
@@ -10,11 +11,21 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import usersvc_settings
+from tests.conftest import ADMIN_TOKEN, usersvc_settings
 from usersvc.app import create_app
 
 UUID = re.compile(r"^[0-9A-F]{32}$")
 ALICE = {"fullname": "Alice Liddell", "password": "wonderland"}
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    """An Authorization header with HTTP Basic credentials (UTF-8, as RFC 7617 allows)."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"authorization": f"Basic {token}"}
+
+
+ALICE_AUTH = basic("alice", ALICE["password"])
+ADMIN_AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def assert_stamped(body: dict[str, object]) -> None:
@@ -49,7 +60,9 @@ async def test_put_existing_user_updates_with_200_and_same_uuid(
     usersvc: httpx.AsyncClient,
 ) -> None:
     first = (await usersvc.put("/user/alice", json=ALICE)).json()
-    response = await usersvc.put("/user/alice", json={"fullname": "Alice L.", "password": "new"})
+    response = await usersvc.put(
+        "/user/alice", json={"fullname": "Alice L.", "password": "new"}, headers=ALICE_AUTH
+    )
     assert response.status_code == 200
     assert response.json()["uuid"] == first["uuid"]
     assert (await usersvc.get("/user/alice")).json()["fullname"] == "Alice L."
@@ -81,11 +94,11 @@ async def test_get_unknown_user_is_404(usersvc: httpx.AsyncClient) -> None:
 
 async def test_delete_removes_user_then_404s(usersvc: httpx.AsyncClient) -> None:
     await usersvc.put("/user/alice", json=ALICE)
-    first = await usersvc.delete("/user/alice")
+    first = await usersvc.delete("/user/alice", headers=ALICE_AUTH)
     assert first.status_code == 200
     assert first.json()["ok"] is True
     assert (await usersvc.get("/user/alice")).status_code == 404
-    again = await usersvc.delete("/user/alice")
+    again = await usersvc.delete("/user/alice", headers=ALICE_AUTH)
     assert again.status_code == 404
     assert again.json()["ok"] is False
 
@@ -127,18 +140,41 @@ async def test_same_password_hashes_differently_per_user(
     assert hashes[0][0] != hashes[1][0]
 
 
-async def test_concurrent_puts_of_one_username_make_one_row(
+async def test_concurrent_puts_of_a_new_name_make_one_user_and_refuse_the_rest(
     usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
 ) -> None:
     replies = await asyncio.gather(
         *(
-            usersvc.put("/user/carol", json={"fullname": f"Carol {i}", "password": "pw"})
+            usersvc.put("/user/carol", json={"fullname": f"Carol {i}", "password": f"pw{i}"})
             for i in range(12)
         )
     )
     statuses = sorted(r.status_code for r in replies)
-    assert statuses.count(201) == 1
-    assert statuses.count(200) == 11
+    assert statuses == [201] + [401] * 11
+    [winner] = [r.json() for r in replies if r.status_code == 201]
+    assert await db_conn.fetchval("SELECT count(*) FROM users WHERE username = 'carol'") == 1
+    stored = await usersvc.get("/user/carol")
+    assert (stored.json()["uuid"], stored.json()["fullname"]) == (
+        winner["uuid"],
+        winner["fullname"],
+    )
+
+
+async def test_concurrent_puts_of_a_new_name_by_its_owner_create_then_update(
+    usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    # All carry the same credentials: whichever creates carol, the rest are her own updates.
+    auth = basic("carol", "pw")
+    replies = await asyncio.gather(
+        *(
+            usersvc.put(
+                "/user/carol", json={"fullname": f"Carol {i}", "password": "pw"}, headers=auth
+            )
+            for i in range(6)
+        )
+    )
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [200] * 5 + [201]
     assert len({r.json()["uuid"] for r in replies}) == 1
     assert await db_conn.fetchval("SELECT count(*) FROM users WHERE username = 'carol'") == 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -191,3 +192,33 @@ async def test_drain_keeps_serving_after_leaving_sds(
         assert (await client.get("/user/health")).status_code == 200
     assert proc.running()
     assert await proc.wait(timeout=15) == 0
+
+
+async def test_credentials_never_reach_the_log(
+    private_postgres: LocalPostgres, usersvc_process: Callable[..., Any]
+) -> None:
+    admin, password = "admin-secret-4242", "alice-secret-1717"
+    proc, base = await usersvc_process(
+        private_postgres.url,
+        env={
+            "USERSVC_ADMIN_TOKEN": admin,
+            "USERSVC_ACCESS_LOG": "true",
+            "USERSVC_LOG_LEVEL": "debug",
+        },
+    )
+    auth = httpx.BasicAuth("alice", password)
+    async with httpx.AsyncClient(base_url=base) as client:
+        body = {"fullname": "Alice", "password": password}
+        assert (await client.put("/user/alice", json=body)).status_code == 201
+        assert (await client.put("/user/alice", json=body, auth=auth)).status_code == 200
+        wrong = httpx.BasicAuth("alice", "wrong-" + password)
+        assert (await client.delete("/user/alice", auth=wrong)).status_code == 401
+        bearer = {"authorization": f"Bearer {admin}"}
+        assert (await client.delete("/user/alice", headers=bearer)).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert await proc.wait(timeout=15) == 0
+    log = proc.log_path.read_text()
+    assert "PUT /user/alice" in log  # the access log did run
+    encoded = base64.b64encode(f"alice:{password}".encode()).decode()
+    for secret in (admin, password, encoded):
+        assert secret not in log

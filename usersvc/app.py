@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from envoymesh.limits import BodySizeLimit
-from usersvc import passwords
+from usersvc import auth, passwords
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
@@ -71,6 +72,28 @@ class ErrorReply(Reply):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorReply} for code in (400, 404, 405, 413, 422, 503)
 }
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorReply,
+        "description": "No credentials, or wrong ones",
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'Always `Basic realm="usersvc"`',
+                "schema": {"type": "string"},
+            }
+        },
+    },
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorReply, "description": "The user kept changing meanwhile; try again"}
+}
+# A change re-reads the user when its password changed under it; this often, then 409.
+CHANGE_ATTEMPTS = 3
+
+basic_scheme = auth.Basic()
+bearer_scheme = auth.Bearer()
+BasicCredentials = Annotated[HTTPBasicCredentials | None, Security(basic_scheme)]
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -176,32 +199,88 @@ def create_app(settings: Settings) -> FastAPI:
             return error(503, f"user health check failed: {exc}")
         return reply(200, ok=True, msg="user health check OK")
 
+    async def authorize(
+        username: str,
+        stored: str,
+        basic: HTTPBasicCredentials | None,
+        bearer: HTTPAuthorizationCredentials | None,
+    ) -> None:
+        """Return when the caller may change ``username`` (whose hash is ``stored``), else 401.
+
+        The password is checked even when the name in the credentials is another user's, so
+        every wrong answer costs the same argon2 verification as a wrong login.
+        """
+        if auth.is_admin(bearer, settings.admin_token):
+            return
+        if basic is None:
+            if bearer is None:
+                raise auth.unauthorized("credentials required to change an existing user")
+            raise auth.unauthorized("invalid credentials")
+        same_user = auth.same_text(basic.username, username)
+        if not (await passwords.verify_password(stored, basic.password) and same_user):
+            raise auth.unauthorized("invalid username or password")
+
     @app.put(
         "/user/{username}",
         response_model=UserReply,
         status_code=201,
-        summary="Create a user (201) or update one (200)",
-        responses={200: {"model": UserReply}},
+        summary="Create a user (201, open to anyone) or update one (200, owner or admin)",
+        responses={200: {"model": UserReply}, **UNAUTHORIZED, **CONFLICT},
+        # Creating a user needs no credentials; the empty requirement says so.
+        openapi_extra={"security": [{}]},
     )
-    async def put_user(username: Username, body: UserIn) -> JSONResponse:
-        password_hash = await passwords.hash_password(body.password)
-        user, created = await store.upsert(username, body.fullname, password_hash)
-        log.info("user saved", extra={"username": username, "new_user": created})
-        return user_reply(201 if created else 200, user)
+    async def put_user(
+        username: Username, body: UserIn, basic: BasicCredentials, bearer: BearerCredentials
+    ) -> JSONResponse:
+        new_hash: str | None = None
+        for _ in range(CHANGE_ATTEMPTS):
+            stored = await store.password_hash(username)
+            if stored is not None:
+                await authorize(username, stored, basic, bearer)
+                if (
+                    basic is not None
+                    and auth.same_text(basic.password, body.password)
+                    and not passwords.needs_rehash(stored)
+                ):
+                    new_hash = stored  # the password just proven stays: no new hash to make
+            new_hash = new_hash or await passwords.hash_password(body.password)
+            if stored is None:
+                user = await store.create(username, body.fullname, new_hash)
+                if user is not None:
+                    log.info("user created", extra={"username": username})
+                    return user_reply(201, user)
+            else:
+                user = await store.update(username, body.fullname, new_hash, expected_hash=stored)
+                if user is not None:
+                    log.info("user updated", extra={"username": username})
+                    return user_reply(200, user)
+        return error(409, f"user {username} changed meanwhile; try again")
 
-    @app.get("/user/{username}", response_model=UserReply, summary="Read a user")
+    @app.get("/user/{username}", response_model=UserReply, summary="Read a user (public)")
     async def get_user(username: Username) -> JSONResponse:
         user = await store.get(username)
         if user is None:
             return error(404, f"user {username} not found")
         return user_reply(200, user)
 
-    @app.delete("/user/{username}", response_model=Reply, summary="Delete a user")
-    async def delete_user(username: Username) -> JSONResponse:
-        if not await store.delete(username):
-            return error(404, f"user {username} not found")
-        log.info("user deleted", extra={"username": username})
-        return reply(200, ok=True)
+    @app.delete(
+        "/user/{username}",
+        response_model=Reply,
+        summary="Delete a user (owner or admin)",
+        responses={**UNAUTHORIZED, **CONFLICT},
+    )
+    async def delete_user(
+        username: Username, basic: BasicCredentials, bearer: BearerCredentials
+    ) -> JSONResponse:
+        for _ in range(CHANGE_ATTEMPTS):
+            stored = await store.password_hash(username)
+            if stored is None:
+                return error(404, f"user {username} not found")
+            await authorize(username, stored, basic, bearer)
+            if await store.delete(username, expected_hash=stored):
+                log.info("user deleted", extra={"username": username})
+                return reply(200, ok=True)
+        return error(409, f"user {username} changed meanwhile; try again")
 
     @app.post(
         "/user/{username}/login",
@@ -215,7 +294,9 @@ def create_app(settings: Settings) -> FastAPI:
             return error(401, "invalid username or password")
         assert stored is not None
         if passwords.needs_rehash(stored):
-            await store.set_password_hash(username, await passwords.hash_password(body.password))
+            upgraded = await passwords.hash_password(body.password)
+            # Only if the password is still the one just checked: never undo a concurrent PUT.
+            await store.replace_password_hash(username, stored, upgraded)
         return reply(200, ok=True)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, extra_fields=stamp)

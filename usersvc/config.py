@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         description="seconds between heartbeats; give sds the same (SDS_HEARTBEAT_INTERVAL)",
     )
     sds_token: SecretStr | None = Field(None, description="bearer token for sds writes")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="bearer token that may change or delete any user (unset: no admin)",
+    )
     drain_seconds: float = Field(
         0.0, ge=0, description="on SIGTERM, deregister and keep serving this long before stopping"
     )

@@ -23,29 +23,48 @@ class UserStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def upsert(self, username: str, fullname: str, password_hash: str) -> tuple[User, bool]:
-        """Create or update ``username`` atomically; return the user and whether it is new.
+    async def create(self, username: str, fullname: str, password_hash: str) -> User | None:
+        """Create ``username``; None when it already exists (nothing is changed then).
 
-        One statement, so concurrent PUTs of one username can never create two rows.
+        One statement, so concurrent PUTs of one new name can never create two rows.
         """
         async with self._db.connection() as conn:
             row = await conn.fetchrow(
                 """
                 INSERT INTO users (uuid, username, fullname, password_hash)
                 VALUES ($1, $2, $3, $4)
-                ON CONFLICT (username) DO UPDATE
-                   SET fullname = EXCLUDED.fullname,
-                       password_hash = EXCLUDED.password_hash,
-                       updated_at = now()
-                RETURNING uuid, username, fullname, (xmax = 0) AS created
+                ON CONFLICT (username) DO NOTHING
+                RETURNING uuid, username, fullname
                 """,
                 uuid.uuid4().hex.upper(),
                 username,
                 fullname,
                 password_hash,
             )
-        assert row is not None
-        return User(row["uuid"], row["username"], row["fullname"]), bool(row["created"])
+        return None if row is None else User(row["uuid"], row["username"], row["fullname"])
+
+    async def update(
+        self, username: str, fullname: str, password_hash: str, *, expected_hash: str
+    ) -> User | None:
+        """Set fullname and password if the stored hash is still ``expected_hash``.
+
+        A compare-and-set: the caller proved a right to change the user as it was when it
+        read ``expected_hash``; if someone changed the password since, nothing is written and
+        None comes back, so the caller checks again against the new hash.
+        """
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(
+                """
+                UPDATE users SET fullname = $2, password_hash = $3, updated_at = now()
+                 WHERE username = $1 AND password_hash = $4
+                RETURNING uuid, username, fullname
+                """,
+                username,
+                fullname,
+                password_hash,
+                expected_hash,
+            )
+        return None if row is None else User(row["uuid"], row["username"], row["fullname"])
 
     async def get(self, username: str) -> User | None:
         """The user called ``username``, or None."""
@@ -63,15 +82,27 @@ class UserStore:
             )
         return None if value is None else str(value)
 
-    async def set_password_hash(self, username: str, password_hash: str) -> None:
-        """Replace the stored hash (used to upgrade hashes made with older parameters)."""
-        async with self._db.connection() as conn:
-            await conn.execute(
-                "UPDATE users SET password_hash = $2 WHERE username = $1", username, password_hash
-            )
+    async def replace_password_hash(self, username: str, old_hash: str, new_hash: str) -> bool:
+        """Swap ``old_hash`` for ``new_hash`` only if it is still stored (a compare-and-set).
 
-    async def delete(self, username: str) -> bool:
-        """Delete ``username``; True when it existed."""
+        Used to upgrade hashes made with older parameters on login, without ever overwriting a
+        password that a concurrent PUT has just set.
+        """
         async with self._db.connection() as conn:
-            status = await conn.execute("DELETE FROM users WHERE username = $1", username)
+            status = await conn.execute(
+                "UPDATE users SET password_hash = $3 WHERE username = $1 AND password_hash = $2",
+                username,
+                old_hash,
+                new_hash,
+            )
+        return status != "UPDATE 0"
+
+    async def delete(self, username: str, *, expected_hash: str) -> bool:
+        """Delete ``username`` if its stored hash is still ``expected_hash``; True when done."""
+        async with self._db.connection() as conn:
+            status = await conn.execute(
+                "DELETE FROM users WHERE username = $1 AND password_hash = $2",
+                username,
+                expected_hash,
+            )
         return status != "DELETE 0"
