@@ -25,6 +25,7 @@ def basic(username: str, password: str) -> dict[str, str]:
 
 
 ALICE_AUTH = basic("alice", ALICE["password"])
+JSON = {"content-type": "application/json"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -266,20 +267,95 @@ async def test_body_over_64_kib_is_413(usersvc: httpx.AsyncClient) -> None:
     assert_stamped(response.json())
 
 
-async def test_streamed_body_over_64_kib_without_length_is_413(
+async def test_chunked_body_over_64_kib_is_413_and_the_endpoint_never_runs(
     usersvc: httpx.AsyncClient,
 ) -> None:
+    # Valid JSON, then whitespace past the limit: cut at the limit, it would parse and create.
     async def chunks():  # type: ignore[no-untyped-def]
-        yield b'{"fullname": "'
+        yield b'{"fullname": "Alice", "password": "pw"}'
         for _ in range(70):
-            yield b"x" * 1024
-        yield b'", "password": "pw"}'
+            yield b" " * 1024
 
-    response = await usersvc.put(
-        "/user/alice", content=chunks(), headers={"content-type": "application/json"}
-    )
+    response = await usersvc.put("/user/alice", content=chunks(), headers=JSON)
     assert response.status_code == 413
+    assert response.json()["ok"] is False
     assert (await usersvc.get("/user/alice")).status_code == 404
+
+
+async def test_large_declared_body_gets_a_readable_413_not_a_reset(
+    usersvc: httpx.AsyncClient,
+) -> None:
+    response = await usersvc.put("/user/alice", content=b" " * (512 * 1024), headers=JSON)
+    assert response.status_code == 413
+    assert response.json()["ok"] is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (rb'{"fullname": "a\u0000b", "password": "pw"}', "fullname"),
+        (rb'{"fullname": "Alice", "password": "p\u0000w"}', "password"),
+        (rb'{"fullname": "a\ud800b", "password": "pw"}', "fullname"),
+        (rb'{"fullname": "Alice", "password": "p\udfffw"}', "password"),
+        (rb'{"fullname": "Alice", "password": "pw", "extra\ud800": 1}', "extra"),
+        (rb'{"fullname": "Alice", "password": "pw", "nested": [{"x": "\u0000"}]}', "nested"),
+    ],
+    ids=[
+        "nul-fullname",
+        "nul-password",
+        "surrogate-fullname",
+        "surrogate-password",
+        "surrogate-in-ignored-key",
+        "nul-deep-inside",
+    ],
+)
+async def test_nul_or_lone_surrogate_in_json_is_422_and_nothing_is_stored(
+    usersvc: httpx.AsyncClient, raw: bytes, field: str
+) -> None:
+    response = await usersvc.put("/user/alice", content=raw, headers=JSON)
+    assert response.status_code == 422
+    assert response.json()["ok"] is False
+    assert response.json()["error"].startswith(field)
+    assert (await usersvc.get("/user/alice")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"fullname": "a\xffb", "password": "pw"}', b'{"full\xc3name": "a", "password": "pw"}'],
+    ids=["in-a-value", "in-a-key"],
+)
+async def test_invalid_utf8_in_the_body_is_400(usersvc: httpx.AsyncClient, raw: bytes) -> None:
+    response = await usersvc.put("/user/alice", content=raw, headers=JSON)
+    assert response.status_code == 400
+    assert response.json()["ok"] is False
+    assert (await usersvc.get("/user/alice")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [rb'{"password": "p\u0000w"}', rb'{"password": "p\udc00w"}', b'{"password": "p\xc3w"}'],
+    ids=["nul", "surrogate", "invalid-utf8"],
+)
+async def test_bad_text_in_a_login_is_a_4xx(usersvc: httpx.AsyncClient, raw: bytes) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    response = await usersvc.post("/user/alice/login", content=raw, headers=JSON)
+    assert response.status_code in (400, 422)
+    assert response.json()["ok"] is False
+
+
+@pytest.mark.parametrize("path", ["a%00b", "a%ffb", "a%ed%a0%80b", "%c3%28"])
+async def test_bad_text_in_the_path_is_422(usersvc: httpx.AsyncClient, path: str) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = await usersvc.request(method, f"/user/{path}", json=ALICE)
+        assert response.status_code == 422
+        assert response.json()["ok"] is False
+
+
+async def test_json_nested_beyond_reason_is_400(usersvc: httpx.AsyncClient) -> None:
+    deep = b'{"fullname": "a", "password": "b", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    response = await usersvc.put("/user/alice", content=deep, headers=JSON)
+    assert response.status_code in (400, 422)
+    assert response.json()["ok"] is False
 
 
 async def test_login_with_missing_password_is_422(usersvc: httpx.AsyncClient) -> None:

@@ -15,7 +15,8 @@ from fastapi import FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from envoymesh.limits import BodySizeLimit
@@ -34,7 +35,40 @@ Username = Annotated[
 ]
 
 
-class UserIn(BaseModel):
+def _bad_text(value: str) -> str | None:
+    """Why ``value`` cannot be stored as PostgreSQL text (UTF-8), or None when it can."""
+    if "\x00" in value:
+        return "must not contain NUL (U+0000)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain lone surrogates (not valid Unicode)"
+    return None
+
+
+class TextBody(BaseModel):
+    """A JSON body whose every string, keys too, is text PostgreSQL can store (no NUL, valid
+    Unicode); anything else is a 422 before any field is looked at."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_clean_text(cls, data: Any) -> Any:
+        pending: list[tuple[str, Any]] = [("", data)]
+        while pending:  # not recursive: nesting depth is the client's choice
+            where, value = pending.pop()
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    pending.append((f"{where}{key!s}", key))
+                    pending.append((f"{where}{key!s}.", item))
+            elif isinstance(value, list):
+                pending.extend((f"{where}{i}.", item) for i, item in enumerate(value))
+            elif isinstance(value, str) and (problem := _bad_text(value)):
+                field = where.rstrip(".").encode("ascii", "backslashreplace").decode()[:64]
+                raise PydanticCustomError("bad_text", f"{field or 'body'}: {problem}")
+        return data
+
+
+class UserIn(TextBody):
     """Body of ``PUT /user/{username}``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -42,7 +76,7 @@ class UserIn(BaseModel):
     password: StrictStr = Field(min_length=1, max_length=1024)
 
 
-class LoginIn(BaseModel):
+class LoginIn(TextBody):
     """Body of ``POST /user/{username}/login``."""
 
     password: StrictStr = Field(max_length=1024)
@@ -174,7 +208,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: "not found", 405: "method not allowed"}
+        messages = {
+            400: "request body is not valid JSON (UTF-8)",
+            404: "not found",
+            405: "method not allowed",
+        }
         response = error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
         if exc.headers:
             response.headers.update(exc.headers)
