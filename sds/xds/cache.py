@@ -43,7 +43,10 @@ class Watcher(Protocol):
     """Something woken when a name it watches changes (a stream)."""
 
     def changed(self, names: frozenset[str] | None, changed_at: float) -> None:
-        """``names`` changed (None: anything may have) at ``changed_at`` (monotonic)."""
+        """``names`` changed (None: anything may have) at ``changed_at`` (monotonic).
+
+        ``names`` includes the short name of every qualified name changed.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,9 @@ class XdsCache:
             changed = self.registry.changes_since(seen)
             seen = revision
             woken = self.watchers(changed)
+            if changed is not None:
+                # Watchers re-resolve the plain names among these (see ``watchers``).
+                changed = changed | {short_name(name) for name in changed}
             metrics.XDS_WAKEUPS.inc(len(woken))
             for watcher in woken:
                 watcher.changed(changed, changed_at)

@@ -23,7 +23,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
-from sds.registry import short_name
 from sds.xds.cache import XdsCache
 from sds.xds.proxies import ProxyStatus, ProxyTracker, listed
 from sds.xds.resources import EDS_TYPE_URL
@@ -57,6 +56,32 @@ class _TypeState:
     pending_change: float | None = None  # when the change behind the unACKed push happened
 
 
+@dataclass(frozen=True, slots=True)
+class _Meters:
+    """The metric children of one transport, bound once (``labels()`` costs a lock each)."""
+
+    pushes: Any
+    push_time: Any
+    convergence: Any
+
+    @classmethod
+    def of(cls, transport: str) -> _Meters:
+        return cls(
+            metrics.XDS_PUSHES.labels(transport),
+            metrics.XDS_PUSH_TIME.labels(transport),
+            metrics.XDS_CONVERGENCE.labels(transport),
+        )
+
+
+def _nonce_field(nonce: str) -> bytes:
+    """``nonce`` serialised as field 5, where both DiscoveryResponse types keep it."""
+    data = nonce.encode()
+    if len(data) < 128:
+        return b"\x2a" + bytes((len(data),)) + data
+    encoded: bytes = discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
+    return encoded
+
+
 def _set_version(sent: dict[str, str]) -> str:
     """The version of a set of (name, version) pairs, as ``combined_version`` computes it."""
     digest = hashlib.sha256()
@@ -69,6 +94,7 @@ class XdsStream:
     """Shared machinery: the event loop, subscriptions, watches and bookkeeping."""
 
     transport = "sotw"
+    _meters: _Meters
 
     def __init__(
         self,
@@ -214,11 +240,14 @@ class XdsStream:
         return dropped
 
     def _refresh_targets(self, state: _TypeState, changed: frozenset[str] | None) -> None:
+        """Re-resolve the names a change may have moved (``changed`` holds short names too)."""
         subscription = state.subscription
         if changed is None:
             subscription.resolve(self._cache.resolve)
         else:
-            subscription.resolve(self._cache.resolve, only={short_name(n) for n in changed})
+            subscription.resolve(
+                self._cache.resolve, only=[n for n in subscription.names if n in changed]
+            )
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -234,15 +263,13 @@ class XdsStream:
             self.status.last_nonce_sent = nonce
             self.status.last_version_sent = version
             self.status.responses_sent += 1
-        metrics.XDS_PUSHES.labels(self.transport).inc()
+        self._meters.pushes.inc()
 
     def _record_ack(self, state: _TypeState, version: str) -> None:
         if self.status is not None:
             self.status.last_version_acked = version
         if state.pending_change is not None:
-            metrics.XDS_CONVERGENCE.labels(self.transport).observe(
-                time.monotonic() - state.pending_change
-            )
+            self._meters.convergence.observe(time.monotonic() - state.pending_change)
             state.pending_change = None
 
     def _record_nack(self, state: _TypeState, nonce: str, error: str) -> None:
@@ -280,6 +307,7 @@ class SotwStream(XdsStream):
     """State of the world: every response carries all the proxy's subscribed resources."""
 
     transport = "sotw"
+    _meters = _Meters.of(transport)
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         """Subscribe, ACK or NACK; answer when the subscription is new or changed."""
@@ -317,12 +345,10 @@ class SotwStream(XdsStream):
         if not force and state.answered and sent == state.sent:
             return
         nonce = self._next_nonce()
-        await self._send(
-            answer.body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
-        )
+        await self._send(answer.body + _nonce_field(nonce))
         state.sent, state.answered = sent, True
         self._record_sent(state, nonce, answer.version, changed_at)
-        metrics.XDS_PUSH_TIME.labels(self.transport).observe(time.perf_counter() - started)
+        self._meters.push_time.observe(time.perf_counter() - started)
 
 
 class DeltaStream(XdsStream):
@@ -333,6 +359,7 @@ class DeltaStream(XdsStream):
     """
 
     transport = "delta"
+    _meters = _Meters.of(transport)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -402,7 +429,7 @@ class DeltaStream(XdsStream):
         ).SerializeToString()
         await self._send(header + b"".join(r.delta_chunk for r in changed))
         self._record_sent(state, nonce, version, changed_at)
-        metrics.XDS_PUSH_TIME.labels(self.transport).observe(time.perf_counter() - started)
+        self._meters.push_time.observe(time.perf_counter() - started)
 
 
 def stream_factory(

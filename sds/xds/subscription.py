@@ -86,9 +86,14 @@ class Subscription:
         return wildcard, explicit
 
     def same_as(self, names: Iterable[str]) -> bool:
-        """Whether a SotW request for ``names`` asks for exactly this subscription."""
-        wildcard, explicit = self._checked(names)
-        return (wildcard, explicit) == (self.wildcard, self.names)
+        """Whether a SotW request for ``names`` asks for exactly this subscription.
+
+        Cheap on purpose (every ACK asks): equal to what was accepted means valid too.
+        """
+        requested = set(names)
+        if WILDCARD in requested:
+            return self.wildcard and requested - {WILDCARD} == self.names
+        return not self.wildcard and requested == self.names
 
     def replace(self, names: Iterable[str]) -> set[str]:
         """SotW and REST: ``names`` is the whole subscription (empty means nothing)."""
