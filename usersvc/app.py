@@ -103,24 +103,45 @@ class ErrorReply(Reply):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorReply} for code in (400, 404, 405, 413, 422, 503)
-}
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {
-        "model": ErrorReply,
-        "description": "No credentials, or wrong ones",
-        "headers": {
-            "WWW-Authenticate": {
-                "description": 'Always `Basic realm="usersvc"`',
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _error_answer(description: str, **headers: str) -> dict[str, Any]:
+    """An error response for the OpenAPI document, with the headers it always carries."""
+    answer: dict[str, Any] = {"model": ErrorReply, "description": description}
+    if headers:
+        answer["headers"] = {
+            name.replace("_", "-"): {
+                "description": text,
+                "required": True,
                 "schema": {"type": "string"},
             }
-        },
-    },
+            for name, text in headers.items()
+        }
+    return answer
+
+
+ERRORS: Responses = {
+    400: _error_answer("Malformed JSON, or a body that is not UTF-8"),
+    404: _error_answer("No such user, or no such path"),
+    405: _error_answer("Method not allowed"),
+    413: _error_answer("Body larger than the limit (64 KiB by default)"),
+    422: _error_answer("Wrong, missing or unstorable fields (NUL, lone surrogates)"),
 }
-CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorReply, "description": "The user kept changing meanwhile; try again"}
+UNAVAILABLE: Responses = {
+    503: _error_answer(
+        "Too many password checks at once, or the database is unavailable",
+        Retry_After="Seconds to wait before trying again",
+    )
 }
+UNAUTHORIZED: Responses = {
+    401: _error_answer(
+        "No credentials, or wrong ones", WWW_Authenticate='Always `Basic realm="usersvc"`'
+    )
+}
+CONFLICT: Responses = {409: _error_answer("The user kept changing meanwhile; try again")}
+# Seconds a client should wait after a 503 for an unavailable database.
+DB_RETRY_AFTER = 2
 # A change re-reads the user when its password changed under it; this often, then 409.
 CHANGE_ATTEMPTS = 3
 
@@ -139,6 +160,10 @@ def create_app(settings: Settings) -> FastAPI:
         timeout=settings.db_timeout,
     )
     store = UserStore(db)
+    hash_slots = settings.hash_concurrency or passwords.available_cpus()
+    hashing = passwords.Hashing(
+        hash_slots, 4 * hash_slots if settings.hash_queue is None else settings.hash_queue
+    )
     identity = Identity(hostname="", resolvedname="")
 
     def stamp() -> dict[str, Any]:
@@ -172,13 +197,22 @@ def create_app(settings: Settings) -> FastAPI:
             registration.start()
             app.state.drain = registration.deregister
         await db.wait_connected(timeout=settings.db_timeout)
-        log.info("usersvc started", extra={**stamp(), "database": db.connected})
+        log.info(
+            "usersvc started",
+            extra={
+                **stamp(),
+                "database": db.connected,
+                "hash_concurrency": hashing.concurrency,
+                "hash_queue": hashing.queue,
+            },
+        )
         try:
             yield
         finally:
             if registration is not None:
                 await registration.close()
             await db.close()
+            hashing.close()
             log.info("usersvc stopped")
 
     async def no_drain() -> None:
@@ -218,17 +252,30 @@ def create_app(settings: Settings) -> FastAPI:
             response.headers.update(exc.headers)
         return response
 
+    @app.exception_handler(passwords.HashingBusy)
+    async def on_hashing_busy(_: Request, exc: passwords.HashingBusy) -> JSONResponse:
+        response = error(503, "busy: too many password checks at once; retry shortly")
+        response.headers["Retry-After"] = str(passwords.RETRY_AFTER)
+        return response
+
     @app.exception_handler(DatabaseUnavailable)
     async def on_db_down(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         log.warning("database unavailable", extra={"detail": str(exc)})
-        return error(503, "database unavailable")
+        response = error(503, "database unavailable")
+        response.headers["Retry-After"] = str(DB_RETRY_AFTER)
+        return response
 
     @app.exception_handler(Exception)
     async def on_bug(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
         return error(500, "internal error")
 
-    @app.get("/user/health", response_model=HealthReply, summary="Health, including the database")
+    @app.get(
+        "/user/health",
+        response_model=HealthReply,
+        summary="Health, including the database",
+        responses={503: _error_answer("The database does not answer")},
+    )
     async def health() -> JSONResponse:
         try:
             async with db.connection() as conn:
@@ -255,7 +302,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise auth.unauthorized("credentials required to change an existing user")
             raise auth.unauthorized("invalid credentials")
         same_user = auth.same_text(basic.username, username)
-        if not (await passwords.verify_password(stored, basic.password) and same_user):
+        if not (await hashing.verify(stored, basic.password) and same_user):
             raise auth.unauthorized("invalid username or password")
 
     @app.put(
@@ -263,7 +310,7 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=UserReply,
         status_code=201,
         summary="Create a user (201, open to anyone) or update one (200, owner or admin)",
-        responses={200: {"model": UserReply}, **UNAUTHORIZED, **CONFLICT},
+        responses={200: {"model": UserReply}, **UNAUTHORIZED, **CONFLICT, **UNAVAILABLE},
         # Creating a user needs no credentials; the empty requirement says so.
         openapi_extra={"security": [{}]},
     )
@@ -281,7 +328,7 @@ def create_app(settings: Settings) -> FastAPI:
                     and not passwords.needs_rehash(stored)
                 ):
                     new_hash = stored  # the password just proven stays: no new hash to make
-            new_hash = new_hash or await passwords.hash_password(body.password)
+            new_hash = new_hash or await hashing.hash(body.password)
             if stored is None:
                 user = await store.create(username, body.fullname, new_hash)
                 if user is not None:
@@ -294,7 +341,12 @@ def create_app(settings: Settings) -> FastAPI:
                     return user_reply(200, user)
         return error(409, f"user {username} changed meanwhile; try again")
 
-    @app.get("/user/{username}", response_model=UserReply, summary="Read a user (public)")
+    @app.get(
+        "/user/{username}",
+        response_model=UserReply,
+        summary="Read a user (public)",
+        responses=UNAVAILABLE,
+    )
     async def get_user(username: Username) -> JSONResponse:
         user = await store.get(username)
         if user is None:
@@ -305,7 +357,7 @@ def create_app(settings: Settings) -> FastAPI:
         "/user/{username}",
         response_model=Reply,
         summary="Delete a user (owner or admin)",
-        responses={**UNAUTHORIZED, **CONFLICT},
+        responses={**UNAUTHORIZED, **CONFLICT, **UNAVAILABLE},
     )
     async def delete_user(
         username: Username, basic: BasicCredentials, bearer: BearerCredentials
@@ -324,15 +376,15 @@ def create_app(settings: Settings) -> FastAPI:
         "/user/{username}/login",
         response_model=Reply,
         summary="Check a password",
-        responses={401: {"model": ErrorReply}},
+        responses={401: _error_answer("Wrong password, or no such user"), **UNAVAILABLE},
     )
     async def login(username: Username, body: LoginIn) -> JSONResponse:
         stored = await store.password_hash(username)
-        if not await passwords.verify_password(stored, body.password):
+        if not await hashing.verify(stored, body.password):
             return error(401, "invalid username or password")
         assert stored is not None
         if passwords.needs_rehash(stored):
-            upgraded = await passwords.hash_password(body.password)
+            upgraded = await hashing.hash(body.password)
             # Only if the password is still the one just checked: never undo a concurrent PUT.
             await store.replace_password_hash(username, stored, upgraded)
         return reply(200, ok=True)

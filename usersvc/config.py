@@ -26,6 +26,16 @@ class Settings(BaseSettings):
         5.0, gt=0, description="seconds to wait for a connection or a query before answering 503"
     )
     max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body accepted")
+    hash_concurrency: int = Field(
+        0,
+        ge=0,
+        description="argon2 hashes run at once, 19 MiB each (0: the CPUs the cgroup quota allows)",
+    )
+    hash_queue: int | None = Field(
+        None,
+        ge=0,
+        description="requests that may wait for a hashing slot; more get 503 (default: 4 per slot)",
+    )
     sds_url: str = Field("", description="sds base URL to register with (empty: do not register)")
     register_service: str = Field("usersvc", description="service name to register under")
     register_address: str = Field(

@@ -1,0 +1,142 @@
+"""usersvc under a sign-up flood: N concurrent PUTs of new users, peak RSS and latencies.
+
+Starts a private PostgreSQL and one usersvc process, opens N connections and sends one
+``PUT /user/<new name>`` on each at the same moment. Every answer must be 201 or a quick 503
+(hashing saturated, with Retry-After) or 429; none a 500 or a timeout. Prints the answers,
+p50/p99 per status and usersvc's peak RSS (VmHWM). Run: ``.venv/bin/python bench/usersvc_flood.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine
+from envoymesh.ports import free_port
+from envoymesh.procs import ManagedProcess, wait_http
+from meshctl.postgres import LocalPostgres
+
+
+@dataclass
+class FloodResult:
+    """What a flood got back."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    latencies: dict[int, list[float]] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    missing_retry_after: int = 0
+    seconds: float = 0.0
+
+    def quantile(self, q: float, status: int | None = None) -> float:
+        """The ``q`` quantile (0-1) of latencies in seconds, of one status or of all."""
+        values = sorted(v for s, vs in self.latencies.items() if status in (None, s) for v in vs)
+        if not values:
+            return 0.0
+        if len(values) == 1:
+            return values[0]
+        return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size so far (Linux VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+
+async def flood(base: str, count: int, prefix: str = "flood", timeout: float = 60) -> FloodResult:
+    """PUT ``count`` new users at once, each on its own connection."""
+    result = FloodResult()
+    go = asyncio.Event()
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            await go.wait()
+            started = time.perf_counter()
+            try:
+                response = await client.put(
+                    f"/user/{prefix}-{i}", json={"fullname": f"User {i}", "password": f"pw-{i}"}
+                )
+            except httpx.HTTPError as exc:
+                result.errors[type(exc).__name__] += 1
+                return
+            status = response.status_code
+            result.statuses[status] += 1
+            result.latencies.setdefault(status, []).append(time.perf_counter() - started)
+            if status in (429, 503) and "retry-after" not in response.headers:
+                result.missing_retry_after += 1
+
+        tasks = [asyncio.create_task(one(i)) for i in range(count)]
+        await asyncio.sleep(0.1)  # every task at the start line
+        started = time.perf_counter()
+        go.set()
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+async def main(count: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
+        postgres = LocalPostgres(Path(tmp) / "pg")
+        await postgres.start()
+        port = free_port()
+        usersvc = ManagedProcess(
+            "usersvc",
+            [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
+            log_path=Path(tmp) / "usersvc.log",
+            env={"DATABASE_URL": postgres.url},
+        )
+        await usersvc.start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
+            assert usersvc.pid is not None
+            before = peak_rss_bytes(usersvc.pid)
+            result = await flood(base, count)
+            peak = peak_rss_bytes(usersvc.pid)
+            started = next(
+                line for line in usersvc.log_path.read_text().splitlines() if "started" in line
+            )
+        finally:
+            await usersvc.stop()
+            await postgres.stop()
+            postgres.discard()
+    print("usersvc sign-up flood")
+    print(f"machine: {machine()}")
+    print(
+        f"setup: 1 usersvc process (uvicorn, defaults: hashing slots from the CPU quota, "
+        f"4 waiting per slot) + PostgreSQL {postgres.bindir}; {count} connections from this "
+        f"process, one PUT /user/<new> each, all released at once; usersvc said: {started}"
+    )
+    print(f"answers: {dict(sorted(result.statuses.items()))}  errors: {dict(result.errors)}")
+    print(f"503/429 without Retry-After: {result.missing_retry_after}")
+    for status in sorted(result.latencies):
+        print(
+            f"  {status}: p50 {result.quantile(0.5, status) * 1000:.0f} ms   "
+            f"p99 {result.quantile(0.99, status) * 1000:.0f} ms   "
+            f"max {max(result.latencies[status]) * 1000:.0f} ms"
+        )
+    print(
+        f"all answers: p99 {result.quantile(0.99) * 1000:.0f} ms; flood over in "
+        f"{result.seconds:.2f} s"
+    )
+    print(f"usersvc peak RSS: {peak / 2**20:.0f} MiB (before the flood: {before / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=200, help="concurrent PUTs")
+    asyncio.run(main(parser.parse_args().count))
