@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,26 +58,31 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 async def flood(base: str, count: int, prefix: str = "flood", timeout: float = 60) -> FloodResult:
-    """PUT ``count`` new users at once, each on its own connection."""
+    """PUT ``count`` new users at once, each on its own connection.
+
+    aiohttp, not httpx: with hundreds of connections at once httpx's own overhead shows up
+    in the latencies.
+    """
     result = FloodResult()
     go = asyncio.Event()
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=count)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=client_timeout) as client:
 
         async def one(i: int) -> None:
             await go.wait()
             started = time.perf_counter()
+            body = {"fullname": f"User {i}", "password": f"pw-{i}"}
             try:
-                response = await client.put(
-                    f"/user/{prefix}-{i}", json={"fullname": f"User {i}", "password": f"pw-{i}"}
-                )
-            except httpx.HTTPError as exc:
+                async with client.put(f"/user/{prefix}-{i}", json=body) as response:
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 result.errors[type(exc).__name__] += 1
                 return
-            status = response.status_code
+            status = response.status
             result.statuses[status] += 1
             result.latencies.setdefault(status, []).append(time.perf_counter() - started)
-            if status in (429, 503) and "retry-after" not in response.headers:
+            if status in (429, 503) and "Retry-After" not in response.headers:
                 result.missing_retry_after += 1
 
         tasks = [asyncio.create_task(one(i)) for i in range(count)]
@@ -88,7 +94,7 @@ async def flood(base: str, count: int, prefix: str = "flood", timeout: float = 6
     return result
 
 
-async def main(count: int) -> None:
+async def main(count: int, env: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
         postgres = LocalPostgres(Path(tmp) / "pg")
         await postgres.start()
@@ -97,7 +103,7 @@ async def main(count: int) -> None:
             "usersvc",
             [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
             log_path=Path(tmp) / "usersvc.log",
-            env={"DATABASE_URL": postgres.url},
+            env={"DATABASE_URL": postgres.url, **env},
         )
         await usersvc.start()
         base = f"http://127.0.0.1:{port}"
@@ -107,8 +113,12 @@ async def main(count: int) -> None:
             before = peak_rss_bytes(usersvc.pid)
             result = await flood(base, count)
             peak = peak_rss_bytes(usersvc.pid)
-            started = next(
-                line for line in usersvc.log_path.read_text().splitlines() if "started" in line
+            said = json.loads(
+                next(
+                    line
+                    for line in usersvc.log_path.read_text().splitlines()
+                    if '"usersvc started"' in line
+                )
             )
         finally:
             await usersvc.stop()
@@ -117,9 +127,10 @@ async def main(count: int) -> None:
     print("usersvc sign-up flood")
     print(f"machine: {machine()}")
     print(
-        f"setup: 1 usersvc process (uvicorn, defaults: hashing slots from the CPU quota, "
-        f"4 waiting per slot) + PostgreSQL {postgres.bindir}; {count} connections from this "
-        f"process, one PUT /user/<new> each, all released at once; usersvc said: {started}"
+        f"setup: 1 usersvc process (uvicorn, pool 10) with {said['hash_concurrency']} hashing "
+        f"slot(s) and {said['hash_queue']} waiting (default: the CPU quota less one, 4 waiting "
+        f"per slot) + PostgreSQL {postgres.bindir}; {count} connections from this process "
+        "(aiohttp), one PUT /user/<new> each, all released at once"
     )
     print(f"answers: {dict(sorted(result.statuses.items()))}  errors: {dict(result.errors)}")
     print(f"503/429 without Retry-After: {result.missing_retry_after}")
@@ -139,4 +150,8 @@ async def main(count: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=200, help="concurrent PUTs")
-    asyncio.run(main(parser.parse_args().count))
+    parser.add_argument(
+        "--env", action="append", default=[], help="NAME=VALUE for usersvc (repeatable)"
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.count, dict(item.split("=", 1) for item in args.env)))

@@ -89,8 +89,17 @@ async def db_conn(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 def usersvc_settings(database_url: str, **overrides: Any) -> Settings:
-    """Settings for a test usersvc; short timeouts so outages show quickly."""
-    values: dict[str, Any] = {"database_url": database_url, "db_timeout": 2.0, **overrides}
+    """Settings for a test usersvc; short timeouts so outages show quickly.
+
+    The hashing queue is long enough for the tests' bursts of concurrent requests; the tests
+    of the bound itself set their own.
+    """
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "db_timeout": 2.0,
+        "hash_queue": 64,
+        **overrides,
+    }
     return Settings(**values)
 
 
@@ -108,7 +117,13 @@ async def serve_http(app: Any) -> AsyncIterator[str]:
     port = free_port()
     server = _QuietServer(
         uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, lifespan="on", server_header=False
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="on",
+            server_header=False,
+            proxy_headers=False,  # as usersvc runs: trusted proxies are the app's setting
         )
     )
     task = asyncio.create_task(server.serve())

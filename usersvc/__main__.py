@@ -42,6 +42,8 @@ async def serve(settings: Settings) -> None:
             access_log=settings.access_log,
             timeout_graceful_shutdown=10,
             server_header=False,
+            # The app reads X-Forwarded-For itself, from USERSVC_TRUSTED_PROXIES only.
+            proxy_headers=False,
         )
     )
     draining: asyncio.Task[None] | None = None

@@ -18,9 +18,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from envoymesh.limits import BodySizeLimit
-from usersvc import auth, passwords
+from usersvc import auth, passwords, ratelimit
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
@@ -139,6 +140,12 @@ UNAUTHORIZED: Responses = {
         "No credentials, or wrong ones", WWW_Authenticate='Always `Basic realm="usersvc"`'
     )
 }
+TOO_MANY: Responses = {
+    429: _error_answer(
+        "Too many failed attempts for this user from this client lately",
+        Retry_After="Seconds until the next attempt is allowed",
+    )
+}
 CONFLICT: Responses = {409: _error_answer("The user kept changing meanwhile; try again")}
 # Seconds a client should wait after a 503 for an unavailable database.
 DB_RETRY_AFTER = 2
@@ -160,7 +167,11 @@ def create_app(settings: Settings) -> FastAPI:
         timeout=settings.db_timeout,
     )
     store = UserStore(db)
-    hash_slots = settings.hash_concurrency or passwords.available_cpus()
+    # One core is left to the event loop, so refusals and reads stay quick under a flood.
+    hash_slots = settings.hash_concurrency or max(1, passwords.available_cpus() - 1)
+    failures = ratelimit.FailureLimiter(
+        settings.login_failures, settings.login_window, settings.login_tracked
+    )
     hashing = passwords.Hashing(
         hash_slots, 4 * hash_slots if settings.hash_queue is None else settings.hash_queue
     )
@@ -258,6 +269,12 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["Retry-After"] = str(passwords.RETRY_AFTER)
         return response
 
+    @app.exception_handler(ratelimit.TooManyFailures)
+    async def on_too_many_failures(_: Request, exc: ratelimit.TooManyFailures) -> JSONResponse:
+        response = error(429, "too many failed attempts for this user from here; retry later")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
     @app.exception_handler(DatabaseUnavailable)
     async def on_db_down(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         log.warning("database unavailable", extra={"detail": str(exc)})
@@ -284,44 +301,64 @@ def create_app(settings: Settings) -> FastAPI:
             return error(503, f"user health check failed: {exc}")
         return reply(200, ok=True, msg="user health check OK")
 
+    def failure_key(request: Request, username: str) -> tuple[str, str]:
+        # The client as the trusted proxies name it (ProxyHeadersMiddleware), else the peer.
+        return username, request.client.host if request.client else ""
+
     async def authorize(
-        username: str,
+        key: tuple[str, str],
         stored: str,
         basic: HTTPBasicCredentials | None,
         bearer: HTTPAuthorizationCredentials | None,
     ) -> None:
-        """Return when the caller may change ``username`` (whose hash is ``stored``), else 401.
+        """Return when the caller may change user ``key[0]`` (whose hash is ``stored``).
 
-        The password is checked even when the name in the credentials is another user's, so
-        every wrong answer costs the same argon2 verification as a wrong login.
+        Else 401, or 429 after too many failures from this client. The password is checked
+        even when the name in the credentials is another user's, so every wrong answer costs
+        the same argon2 verification as a wrong login.
         """
         if auth.is_admin(bearer, settings.admin_token):
             return
+        if basic is None and bearer is None:
+            raise auth.unauthorized("credentials required to change an existing user")
+        failures.check(key)
         if basic is None:
-            if bearer is None:
-                raise auth.unauthorized("credentials required to change an existing user")
+            failures.failed(key)
             raise auth.unauthorized("invalid credentials")
-        same_user = auth.same_text(basic.username, username)
+        same_user = auth.same_text(basic.username, key[0])
         if not (await hashing.verify(stored, basic.password) and same_user):
+            failures.failed(key)
             raise auth.unauthorized("invalid username or password")
+        failures.succeeded(key)
 
     @app.put(
         "/user/{username}",
         response_model=UserReply,
         status_code=201,
         summary="Create a user (201, open to anyone) or update one (200, owner or admin)",
-        responses={200: {"model": UserReply}, **UNAUTHORIZED, **CONFLICT, **UNAVAILABLE},
+        responses={
+            200: {"model": UserReply},
+            **UNAUTHORIZED,
+            **TOO_MANY,
+            **CONFLICT,
+            **UNAVAILABLE,
+        },
         # Creating a user needs no credentials; the empty requirement says so.
         openapi_extra={"security": [{}]},
     )
     async def put_user(
-        username: Username, body: UserIn, basic: BasicCredentials, bearer: BearerCredentials
+        request: Request,
+        username: Username,
+        body: UserIn,
+        basic: BasicCredentials,
+        bearer: BearerCredentials,
     ) -> JSONResponse:
+        hashing.admit()
         new_hash: str | None = None
         for _ in range(CHANGE_ATTEMPTS):
             stored = await store.password_hash(username)
             if stored is not None:
-                await authorize(username, stored, basic, bearer)
+                await authorize(failure_key(request, username), stored, basic, bearer)
                 if (
                     basic is not None
                     and auth.same_text(basic.password, body.password)
@@ -357,16 +394,18 @@ def create_app(settings: Settings) -> FastAPI:
         "/user/{username}",
         response_model=Reply,
         summary="Delete a user (owner or admin)",
-        responses={**UNAUTHORIZED, **CONFLICT, **UNAVAILABLE},
+        responses={**UNAUTHORIZED, **TOO_MANY, **CONFLICT, **UNAVAILABLE},
     )
     async def delete_user(
-        username: Username, basic: BasicCredentials, bearer: BearerCredentials
+        request: Request, username: Username, basic: BasicCredentials, bearer: BearerCredentials
     ) -> JSONResponse:
+        if basic is not None:
+            hashing.admit()
         for _ in range(CHANGE_ATTEMPTS):
             stored = await store.password_hash(username)
             if stored is None:
                 return error(404, f"user {username} not found")
-            await authorize(username, stored, basic, bearer)
+            await authorize(failure_key(request, username), stored, basic, bearer)
             if await store.delete(username, expected_hash=stored):
                 log.info("user deleted", extra={"username": username})
                 return reply(200, ok=True)
@@ -376,13 +415,22 @@ def create_app(settings: Settings) -> FastAPI:
         "/user/{username}/login",
         response_model=Reply,
         summary="Check a password",
-        responses={401: _error_answer("Wrong password, or no such user"), **UNAVAILABLE},
+        responses={
+            401: _error_answer("Wrong password, or no such user"),
+            **TOO_MANY,
+            **UNAVAILABLE,
+        },
     )
-    async def login(username: Username, body: LoginIn) -> JSONResponse:
+    async def login(request: Request, username: Username, body: LoginIn) -> JSONResponse:
+        key = failure_key(request, username)
+        failures.check(key)
+        hashing.admit()
         stored = await store.password_hash(username)
         if not await hashing.verify(stored, body.password):
+            failures.failed(key)
             return error(401, "invalid username or password")
         assert stored is not None
+        failures.succeeded(key)
         if passwords.needs_rehash(stored):
             upgraded = await hashing.hash(body.password)
             # Only if the password is still the one just checked: never undo a concurrent PUT.
@@ -390,4 +438,7 @@ def create_app(settings: Settings) -> FastAPI:
         return reply(200, ok=True)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, extra_fields=stamp)
+    if settings.trusted_proxies:
+        # X-Forwarded-For, read from the right, names the client only past these proxies.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app

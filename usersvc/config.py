@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import ipaddress
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from envoymesh.heartbeat import HEARTBEAT_INTERVAL
+
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -29,12 +34,25 @@ class Settings(BaseSettings):
     hash_concurrency: int = Field(
         0,
         ge=0,
-        description="argon2 hashes run at once, 19 MiB each (0: the CPUs the cgroup quota allows)",
+        description="argon2 hashes at once, 19 MiB each (0: the cgroup's CPU quota less one)",
     )
     hash_queue: int | None = Field(
         None,
         ge=0,
         description="requests that may wait for a hashing slot; more get 503 (default: 4 per slot)",
+    )
+    login_failures: int = Field(
+        10, ge=1, description="failed logins per (username, client) before 429s"
+    )
+    login_window: float = Field(
+        300.0, gt=0, description="seconds over which failed logins are counted"
+    )
+    login_tracked: int = Field(
+        10_000, ge=1, description="(username, client) pairs the failure limiter remembers"
+    )
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="addresses/CIDRs whose X-Forwarded-For names the client (comma-separated)",
     )
     sds_url: str = Field("", description="sds base URL to register with (empty: do not register)")
     register_service: str = Field("usersvc", description="service name to register under")
@@ -59,3 +77,22 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(False, description="log one line per request")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
+        return value

@@ -95,10 +95,18 @@ class Hashing:
         """Requests waiting for a slot now."""
         return self._waiting
 
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    def admit(self) -> None:
+        """Raise :class:`HashingBusy` now if a hash could not even queue.
+
+        Called first thing by requests that will need a hash, so that under a flood the
+        refusal costs no database round trip.
+        """
         if self._slots.locked() and self._waiting >= self.queue:
             raise HashingBusy
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self.admit()
         self._waiting += 1
         try:
             async with asyncio.timeout(self._wait_timeout):
