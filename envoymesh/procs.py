@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,11 +104,15 @@ async def wait_http(
     timeout: float,
     status: int = 200,
     process: ManagedProcess | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
-    """Poll ``url`` until it answers ``status``; fail early if ``process`` exits."""
+    """Poll ``url`` until it answers ``status``; fail early if ``process`` exits.
+
+    ``verify`` is httpx's: the certificate check of an ``https`` URL.
+    """
     deadline = time.monotonic() + timeout
     last = "no answer"
-    async with httpx.AsyncClient(timeout=2.0) as client:
+    async with httpx.AsyncClient(timeout=2.0, verify=verify) as client:
         while True:
             if process is not None and not process.running():
                 raise RuntimeError(

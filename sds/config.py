@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from envoymesh.heartbeat import HEARTBEAT_INTERVAL, TTL_HEARTBEATS, WARMUP_HEARTBEATS
@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     allow_loopback: bool = Field(
         False, description="accept registrations of loopback addresses (one-machine meshes)"
     )
+    tls_cert_file: str = Field(
+        "", description="PEM certificate (chain) of both ports; with --tls-key-file turns on TLS"
+    )
+    tls_key_file: str = Field("", description="PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)"
+    )
+    tls_check_interval: float = Field(
+        10.0, gt=0, description="seconds between checks of the TLS files for a change on disk"
+    )
     trusted_proxies: CommaList = Field(
         default_factory=list,
         description="networks (CIDR) of proxies whose X-Forwarded-For auto_ip trusts",
@@ -146,6 +156,14 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return self
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -104,3 +104,10 @@ async def measure_event_loop_lag() -> None:
         if now - window_start >= 10:
             EVENT_LOOP_LAG_MAX.set(worst)
             worst, window_start = 0.0, now
+
+
+TLS_RELOADS = Counter(
+    "sds_tls_reloads_total",
+    "Certificate files re-read after a change on disk, by outcome (ok, failed)",
+    ["outcome"],
+)

@@ -25,6 +25,7 @@ from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
 from sds.sources.registration import RegistrationLimits, RegistrationSource
+from sds.tls import ServerTls, TlsError
 from sds.validation import TagLimits
 from sds.xds.cache import XdsCache
 from sds.xds.grpc_server import start_grpc_server
@@ -114,6 +115,16 @@ class SdsServer:
                 watch=WatchSettings(read_timeout=settings.kube_read_timeout),
             )
             self._jobs["kubernetes"] = kubernetes.run()
+        self.tls = (
+            ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.tls_cert_file
+            else None
+        )
+        tls_options: dict[str, Any] = {}
+        if self.tls is not None:
+            self._jobs["tls"] = self.tls.watch(settings.tls_check_interval)
+            context = self.tls.http_context
+            tls_options["ssl_context_factory"] = lambda _config, _default: context
         self.app = create_app(self.registry, routers)
         # Outside the framework entirely: its own middleware stack would cost more than
         # answering from the v1 cache does.
@@ -130,6 +141,7 @@ class SdsServer:
                 # Client addresses are the peers': X-Forwarded-For counts only where sds
                 # itself decides to trust it.
                 proxy_headers=False,
+                **tls_options,
             )
         )
 
@@ -143,7 +155,7 @@ class SdsServer:
             self._reload.clear()
             try:
                 count = await asyncio.to_thread(self.write_access.reload)
-            except TokenFileError as exc:
+            except (TokenFileError, TlsError) as exc:
                 log.error(
                     "write tokens not reloaded, the previous ones stay", extra={"error": str(exc)}
                 )
@@ -176,6 +188,7 @@ class SdsServer:
             max_streams_per_peer=self.settings.max_streams_per_peer,
             max_connection_age=self.settings.max_connection_age,
             max_connection_age_grace=self.settings.max_connection_age_grace,
+            credentials=self.tls.grpc_credentials() if self.tls is not None else None,
         )
         tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
         http = asyncio.create_task(self._http.serve(), name="http")
@@ -186,6 +199,8 @@ class SdsServer:
                 "sources": self.settings.source,
                 "http": f"{self.settings.http_host}:{self.settings.http_port}",
                 "grpc": f"{self.settings.grpc_host}:{self.settings.grpc_port}",
+                "tls": self.tls is not None,
+                "grpc_client_certificates": self.tls is not None and self.tls.mutual,
                 "write_tokens": self.write_access.token_count,
                 "anonymous_writes": self.write_access.allow_anonymous,
             },
@@ -223,7 +238,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         server = SdsServer(settings)
-    except TokenFileError as exc:
+    except (TokenFileError, TlsError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         raise SystemExit(2) from None
     loop.add_signal_handler(signal.SIGHUP, server.reload)

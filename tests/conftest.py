@@ -223,14 +223,18 @@ class RunningSds:
         self.settings = settings
         self.server = SdsServer(settings)
         self.registry = self.server.registry
-        self.url = f"http://127.0.0.1:{settings.http_port}"
+        scheme = "https" if settings.tls_cert_file else "http"
+        self.url = f"{scheme}://127.0.0.1:{settings.http_port}"
         self.grpc_target = f"127.0.0.1:{settings.grpc_port}"
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.server.run(self._stop))
 
     async def started(self) -> None:
         """Wait until it answers HTTP; raise if it died instead."""
-        ready = asyncio.create_task(wait_http(f"{self.url}/healthcheck", timeout=10))
+        # Whether it is up, not whom it is: tests of TLS check the certificate themselves.
+        ready = asyncio.create_task(
+            wait_http(f"{self.url}/healthcheck", timeout=10, verify=not self.settings.tls_cert_file)
+        )
         await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if self._task.done():
             ready.cancel()
@@ -291,12 +295,14 @@ class SdsProcess:
 async def sds_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start real ``sds`` processes on free loopback ports; all stopped at teardown.
 
-    ``start(*flags, env=...)`` adds flags and environment to the loopback addresses and
-    ports; it returns once ``/healthcheck`` answers.
+    ``start(*flags, env=..., scheme=...)`` adds flags and environment to the loopback
+    addresses and ports; it returns once ``/healthcheck`` answers.
     """
     started: list[ManagedProcess] = []
 
-    async def start(*flags: str, env: dict[str, str] | None = None) -> SdsProcess:
+    async def start(
+        *flags: str, env: dict[str, str] | None = None, scheme: str = "http"
+    ) -> SdsProcess:
         http, grpc = free_port(), free_port()
         proc = ManagedProcess(
             f"sds-{len(started)}",
@@ -317,8 +323,9 @@ async def sds_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
         )
         started.append(proc)
         await proc.start()
-        url = f"http://127.0.0.1:{http}"
-        await wait_http(f"{url}/healthcheck", timeout=20, process=proc)
+        url = f"{scheme}://127.0.0.1:{http}"
+        # Whether it is up, not whom it is: tests of TLS check the certificate themselves.
+        await wait_http(f"{url}/healthcheck", timeout=20, process=proc, verify=scheme == "http")
         return SdsProcess(proc, url, f"127.0.0.1:{grpc}")
 
     yield start

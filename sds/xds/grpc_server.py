@@ -235,13 +235,22 @@ async def start_grpc_server(
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_connection_age: float = 0.0,
     max_connection_age_grace: float = 0.0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
-    """Bind and start the xDS gRPC server; stop it with ``await server.stop(grace)``."""
+    """Bind and start the xDS gRPC server; stop it with ``await server.stop(grace)``.
+
+    With ``credentials`` the port speaks TLS only; without, plaintext.
+    """
     server = grpc.aio.server(options=server_options(max_connection_age, max_connection_age_grace))
     server.add_generic_rpc_handlers(_handlers(StreamGate(make, max_streams_per_peer), cache))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if bound == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     await server.start()
-    log.info("xds grpc listening", extra={"address": address})
+    log.info("xds grpc listening", extra={"address": address, "tls": credentials is not None})
     return server
