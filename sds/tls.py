@@ -54,6 +54,7 @@ class ServerTls:
         self._material = self._load()
         self._lock = threading.Lock()
         self._grpc_pending: grpc.ServerCertificateConfiguration | None = None
+        self._failed_stamp: tuple[tuple[int, int, int], ...] | None = None
         # The context the HTTP listener is created with; new ones are handed out from it.
         self.http_context = self._http_context(self._material)
         self.http_context.sni_callback = self._pick_http_context
@@ -131,11 +132,14 @@ class ServerTls:
 
     def reload_if_changed(self) -> bool:
         """Load the files again when they changed on disk (blocking); True when in use now."""
+        stamp = None
         try:
-            if self._stamp() == self._material.stamp:
-                return False
+            stamp = self._stamp()
+            if stamp in (self._material.stamp, self._failed_stamp):
+                return False  # nothing new since the last attempt
             material = self._load()
         except (OSError, TlsError) as exc:
+            self._failed_stamp = stamp
             metrics.TLS_RELOADS.labels("failed").inc()
             log.error(
                 "tls certificates not reloaded, the previous ones stay", extra={"error": str(exc)}

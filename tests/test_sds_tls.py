@@ -347,9 +347,10 @@ async def test_rotated_certificates_are_used_without_a_restart(
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{sds.url}/healthcheck")
 
+    reloaded = await tls_reloads(sds, pki.http_verify(), "ok")  # the counter is per process
     replace_file(Path(settings["tls_key_file"]), other_pki.server_key.read_bytes())
     replace_file(Path(settings["tls_cert_file"]), other_pki.server_cert.read_bytes())
-    await wait_reloads(sds, other_pki.http_verify(), "ok", 1)
+    await wait_reloads(sds, other_pki.http_verify(), "ok", reloaded + 1)
 
     assert await fetch(sds, trusts_new) == [EDS]
     async with httpx.AsyncClient(verify=other_pki.http_verify()) as client:
@@ -369,8 +370,9 @@ async def test_a_rotated_client_ca_is_used_without_a_restart(
         certificate_chain=other_pki.client_cert.read_bytes(),
     )
     assert await refused(sds, newcomer) == grpc.StatusCode.UNAVAILABLE
+    reloaded = await tls_reloads(sds, pki.http_verify(), "ok")
     replace_file(client_ca, other_pki.ca_file.read_bytes())
-    await wait_reloads(sds, pki.http_verify(), "ok", 1)
+    await wait_reloads(sds, pki.http_verify(), "ok", reloaded + 1)
     assert await fetch(sds, newcomer) == [EDS]
 
 
@@ -379,11 +381,12 @@ async def test_broken_files_keep_the_certificates_in_use(
 ) -> None:
     settings = tls_settings(pki)
     sds: RunningSds = await start_sds(**settings)
+    failed = await tls_reloads(sds, pki.http_verify(), "failed")
     replace_file(Path(settings["tls_cert_file"]), b"-----BEGIN CERTIFICATE-----\nnope\n")
-    await wait_reloads(sds, pki.http_verify(), "failed", 1)
+    await wait_reloads(sds, pki.http_verify(), "failed", failed + 1)
     # A certificate that does not match the key is no better.
     replace_file(Path(settings["tls_cert_file"]), other_pki.server_cert.read_bytes())
-    await wait_reloads(sds, pki.http_verify(), "failed", 2)
+    await wait_reloads(sds, pki.http_verify(), "failed", failed + 2)
     assert await fetch(sds, pki.client_credentials()) == [EDS]
     async with httpx.AsyncClient(verify=pki.http_verify()) as client:
         assert (await client.get(f"{sds.url}/healthcheck")).text == "OK"
