@@ -456,3 +456,23 @@ async def test_auto_ip_misuse_is_400(sds: RunningSds, fields: dict[str, Any], me
 async def test_trusted_proxies_must_be_networks(sds_process: Callable[..., Any]) -> None:
     with pytest.raises(RuntimeError, match="not a network"):
         await sds_process("--trusted-proxies", "10.0.0.0/8,proxy.example")
+
+
+async def test_an_sds_process_refuses_unreachable_addresses_until_told(
+    sds_process: Callable[..., Any],
+) -> None:
+    strict: SdsProcess = await sds_process(env={"SDS_WRITE_TOKEN": "address-token"})
+    loose: SdsProcess = await sds_process(
+        "--allow-loopback", env={"SDS_WRITE_TOKEN": "address-token"}
+    )
+    headers = bearer("address-token")
+    async with httpx.AsyncClient(headers=headers) as client:
+        for sds, expected in ((strict, 400), (loose, 200)):
+            loopback = await client.post(
+                f"{sds.url}/v1/registration/usersvc", json={"ip": "127.0.0.1", "port": 80}
+            )
+            assert loopback.status_code == expected
+            metadata = await client.post(
+                f"{sds.url}/v1/registration/usersvc", json={"ip": "169.254.169.254", "port": 80}
+            )
+            assert metadata.status_code == 400

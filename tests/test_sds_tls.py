@@ -150,15 +150,21 @@ def replace_file(path: Path, content: bytes) -> None:
 # ----- gRPC: mutual TLS ---------------------------------------------------------------------
 
 
-def mtls_edge_config(
-    sds: RunningSds, pki: Pki, admin_port: int, listen_port: int, *, with_cert: bool = True
+def edge_config(
+    sds: RunningSds,
+    pki: Pki,
+    admin_port: int,
+    listen_port: int,
+    *,
+    template: str = "edge-eds",
+    with_cert: bool = True,
 ) -> str:
-    """The shipped edge template, its xDS cluster wrapped in TLS as the README shows."""
+    """A shipped edge template, its cluster to sds wrapped in TLS as the README shows."""
     config = yaml.safe_load(
         render(
-            "edge-eds",
+            template,
             {
-                "NODE_ID": "edge-mtls",
+                "NODE_ID": f"{template}-tls",
                 "LISTEN_ADDRESS": "127.0.0.1",
                 "LISTEN_PORT": listen_port,
                 "ADMIN_PORT": admin_port,
@@ -167,11 +173,14 @@ def mtls_edge_config(
                 "SDS_GRPC_PORT": sds.settings.grpc_port,
                 "SDS_HTTP_PORT": sds.settings.http_port,
                 "ADS_API_TYPE": "GRPC",
+                "REFRESH_DELAY": "0.2s",
             },
         )
     )
+    grpc_cluster = template == "edge-eds"
     common: dict[str, Any] = {
-        "alpn_protocols": ["h2"],
+        # gRPC needs HTTP/2 negotiated; the REST poller speaks HTTP/1.1.
+        "alpn_protocols": ["h2"] if grpc_cluster else ["http/1.1"],
         "validation_context": {
             "trusted_ca": {"filename": str(pki.ca_file)},
             "match_typed_subject_alt_names": [
@@ -186,8 +195,9 @@ def mtls_edge_config(
                 "private_key": {"filename": str(pki.client_key)},
             }
         ]
-    [xds] = [c for c in config["static_resources"]["clusters"] if c["name"] == "sds_xds"]
-    xds["transport_socket"] = {
+    name = "sds_xds" if grpc_cluster else "sds_http"
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
@@ -199,6 +209,12 @@ def mtls_edge_config(
     return yaml.safe_dump(config)
 
 
+async def wait_ports(edge: EnvoyProxy, expected: list[int]) -> None:
+    async with asyncio.timeout(20):
+        while sorted(h.port for h in (await edge.clusters()).get("usersvc", [])) != expected:
+            await asyncio.sleep(0.05)
+
+
 @pytest.mark.envoy
 async def test_envoy_follows_sds_over_mutual_tls(
     start_sds: Callable[..., Any], start_envoy: Callable[..., Any], pki: Pki
@@ -208,20 +224,34 @@ async def test_envoy_follows_sds_over_mutual_tls(
         Source.KUBERNETES, "usersvc.default", [Endpoint("127.0.0.1", 9001, Source.KUBERNETES)]
     )
     admin, listen = free_port(), free_port()
-    edge: EnvoyProxy = await start_envoy(
-        "edge-mtls", mtls_edge_config(sds, pki, admin, listen), admin
-    )
-    async with asyncio.timeout(20):
-        while [h.port for h in (await edge.clusters()).get("usersvc", [])] != [9001]:
-            await asyncio.sleep(0.05)
+    edge: EnvoyProxy = await start_envoy("edge-mtls", edge_config(sds, pki, admin, listen), admin)
+    await wait_ports(edge, [9001])
     sds.registry.replace(
         Source.KUBERNETES,
         "usersvc.default",
         [Endpoint("127.0.0.1", p, Source.KUBERNETES) for p in (9001, 9002)],
     )
-    async with asyncio.timeout(20):
-        while sorted(h.port for h in (await edge.clusters()).get("usersvc", [])) != [9001, 9002]:
-            await asyncio.sleep(0.05)
+    await wait_ports(edge, [9001, 9002])
+
+
+@pytest.mark.envoy
+async def test_envoy_polls_rest_xds_over_https(
+    start_sds: Callable[..., Any], start_envoy: Callable[..., Any], pki: Pki
+) -> None:
+    sds: RunningSds = await start_sds(**tls_settings(pki))
+    sds.registry.replace(
+        Source.KUBERNETES, "usersvc.default", [Endpoint("127.0.0.1", 9001, Source.KUBERNETES)]
+    )
+    admin, listen = free_port(), free_port()
+    config = edge_config(sds, pki, admin, listen, template="edge-eds-rest", with_cert=False)
+    edge: EnvoyProxy = await start_envoy("edge-rest-tls", config, admin)
+    await wait_ports(edge, [9001])
+    sds.registry.replace(
+        Source.KUBERNETES,
+        "usersvc.default",
+        [Endpoint("127.0.0.1", p, Source.KUBERNETES) for p in (9001, 9003)],
+    )
+    await wait_ports(edge, [9001, 9003])
 
 
 @pytest.mark.envoy
@@ -233,7 +263,7 @@ async def test_envoy_without_a_client_certificate_learns_nothing(
         Source.KUBERNETES, "usersvc.default", [Endpoint("127.0.0.1", 9001, Source.KUBERNETES)]
     )
     admin, listen = free_port(), free_port()
-    config = mtls_edge_config(sds, pki, admin, listen, with_cert=False)
+    config = edge_config(sds, pki, admin, listen, with_cert=False)
     edge: EnvoyProxy = await start_envoy("edge-no-cert", config, admin)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin}") as client:
         async with asyncio.timeout(20):
