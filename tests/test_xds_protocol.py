@@ -409,14 +409,33 @@ async def test_star_subscribes_to_every_service(
     assert set(assignments(await client.receive())) == {"a", "b"}
 
 
-async def test_empty_answers_wait_for_the_registration_warmup(
+# ----- warm-up: a fresh start is not a restart ------------------------------------------------
+
+
+async def test_fresh_proxy_gets_empty_answers_at_once_during_the_warmup(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=30.0, xds_debounce=0.0)
+    put(sds, "known", "10.0.0.1:80")
+    client = XdsClient(sds.grpc_target)
+    try:
+        client.send(resource_names=["known", "ghost"])
+        first = await client.receive()
+    finally:
+        await client.close()
+    assert set(assignments(first)) == {"known", "ghost"}
+    assert list(assignments(first)["ghost"].endpoints) == []
+
+
+async def test_reconnecting_proxy_keeps_its_endpoints_until_the_warmup_ends(
     start_sds: Callable[..., Any],
 ) -> None:
     sds: RunningSds = await start_sds(registration_warmup=1.0, xds_debounce=0.0)
     put(sds, "known", "10.0.0.1:80")
     client = XdsClient(sds.grpc_target)
     try:
-        client.send(resource_names=["known", "ghost"])
+        # The version it accepted from the sds before this one restarted.
+        client.send(resource_names=["known", "ghost"], version_info="0123456789abcdef")
         early = await client.receive()
         assert set(assignments(early)) == {"known"}
         client.ack(early, resource_names=["known", "ghost"])
@@ -427,20 +446,94 @@ async def test_empty_answers_wait_for_the_registration_warmup(
         await client.close()
 
 
-async def test_rest_and_v1_say_503_for_unlearned_services_during_warmup(
+async def test_reconnecting_proxy_gets_names_it_adds_at_once(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=30.0, xds_debounce=0.0)
+    put(sds, "known", "10.0.0.1:80")
+    client = XdsClient(sds.grpc_target)
+    try:
+        client.send(resource_names=["known", "ghost"], version_info="0123456789abcdef")
+        early = await client.receive()
+        client.ack(early, resource_names=["known", "ghost", "new"])
+        added = await client.receive()
+    finally:
+        await client.close()
+    assert set(assignments(added)) == {"known", "new"}
+
+
+async def test_delta_reconnect_withholds_only_what_the_proxy_had(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=30.0, xds_debounce=0.0)
+    client = XdsClient(sds.grpc_target, delta=True)
+    try:
+        client.send(
+            resource_names_subscribe=["ghost", "new"],
+            initial_resource_versions={"ghost": "0123456789abcdef"},
+        )
+        first = await client.receive()
+        assert [r.name for r in first.resources] == ["new"]
+        put(sds, "ghost", "10.0.0.1:80")
+        pushed = await client.receive()
+        assert addresses(assignments(pushed)["ghost"]) == [("10.0.0.1", 80)]
+    finally:
+        await client.close()
+
+
+async def rest_poll(http: httpx.AsyncClient, version: str = "") -> httpx.Response:
+    return await http.post(
+        "/v3/discovery:endpoints",
+        json={"resource_names": ["ghost"], "type_url": EDS_TYPE_URL, "version_info": version},
+    )
+
+
+async def test_rest_answers_a_fresh_poller_at_once_during_the_warmup(
     start_sds: Callable[..., Any],
 ) -> None:
     sds: RunningSds = await start_sds(registration_warmup=30.0)
-    async with httpx.AsyncClient(base_url=sds.url, headers=SDS_AUTH) as http:
-        rest = await http.post(
-            "/v3/discovery:endpoints", json={"resource_names": ["ghost"], "type_url": EDS_TYPE_URL}
+    async with httpx.AsyncClient(base_url=sds.url) as http:
+        first = await rest_poll(http)
+        again = await rest_poll(http, first.json()["version_info"])
+    assert first.status_code == 200
+    assert first.json()["resources"][0]["cluster_name"] == "ghost"
+    assert again.status_code == 304
+
+
+async def test_rest_says_503_to_a_poller_that_had_endpoints_during_the_warmup(
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds(registration_warmup=30.0)
+    async with httpx.AsyncClient(base_url=sds.url) as http:
+        response = await rest_poll(http, "0123456789abcdef")
+    assert response.status_code == 503
+
+
+async def test_v1_says_503_during_the_warmup_unless_the_etag_shows_no_hosts(
+    start_sds: Callable[..., Any],
+) -> None:
+    settled: RunningSds = await start_sds()
+    warming: RunningSds = await start_sds(registration_warmup=30.0)
+    async with httpx.AsyncClient() as http:
+        # ETags are content hashes: the same on every sds.
+        empty_etag = (await http.get(f"{settled.url}/v1/registration/ghost")).headers["etag"]
+        plain = await http.get(f"{warming.url}/v1/registration/ghost")
+        had_hosts = await http.get(
+            f"{warming.url}/v1/registration/ghost", headers={"if-none-match": 'W/"other"'}
         )
-        v1 = await http.get("/v1/registration/ghost")
-        ready = await http.get("/readyz")
-        await http.post("/v1/registration/known", json={"ip": "10.0.0.1", "port": 80})
-        known = await http.get("/v1/registration/known")
-    assert rest.status_code == v1.status_code == 503
-    assert "synced" in v1.json()["error"]
+        had_none = await http.get(
+            f"{warming.url}/v1/registration/ghost", headers={"if-none-match": empty_etag}
+        )
+        ready = await http.get(f"{warming.url}/readyz")
+        await http.post(
+            f"{warming.url}/v1/registration/known",
+            json={"ip": "10.0.0.1", "port": 80},
+            headers=SDS_AUTH,
+        )
+        known = await http.get(f"{warming.url}/v1/registration/known")
+    assert plain.status_code == had_hosts.status_code == 503
+    assert "synced" in plain.json()["error"]
+    assert had_none.status_code == 304
     assert ready.status_code == 503
     assert "warming up" in ready.json()["sources"]["registration"]["reason"]
     assert len(known.json()["hosts"]) == 1

@@ -111,16 +111,22 @@ class V1Api:
         self._cache.put(name, rendered)
         return rendered
 
-    def prepared(self, service: str) -> _Rendered:
+    def prepared(self, service: str, if_none_match: str | None = None) -> _Rendered:
         """The 200 answer for ``GET /v1/registration/{service}``.
 
         Raises :class:`ApiError`: 400 for an invalid name; 503 for a service with no hosts
         while sources are still syncing (not learned yet is not "no hosts", and v1 clients
-        keep their hosts on a non-200).
+        keep their hosts on a non-200), unless the client's ETag shows it holds that very
+        empty answer. A poll without an ETag cannot tell a fresh client from one that never
+        sends ETags but has hosts, so it waits too.
         """
         validation.service_name(service, qualified=True)
         rendered = self._render(service)
-        if not rendered.has_hosts and not self._registry.ready:
+        if (
+            not rendered.has_hosts
+            and not self._registry.ready
+            and not etag_matches(if_none_match, rendered.etag)
+        ):
             raise ApiError(503, "sds has not synced its sources yet; keep your hosts and retry")
         return rendered
 
@@ -138,7 +144,7 @@ class V1Api:
 
         Raises :class:`ApiError` as :meth:`prepared` does.
         """
-        rendered = self.prepared(service)
+        rendered = self.prepared(service, if_none_match)
         if etag_matches(if_none_match, rendered.etag):
             return 304, b"", rendered.etag
         return 200, rendered.body, rendered.etag

@@ -111,7 +111,7 @@ class RegistrationSource:
                 status,
                 ready=False,
                 reason=f"warming up (registration): {self._warmup:g}s{basis} for registered hosts"
-                " to check in again after a start",
+                " to check in again after a start; until then proxies that had hosts keep them",
                 until=time.monotonic() + self._warmup,
             )
             await asyncio.sleep(self._warmup)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -207,25 +207,45 @@ class XdsCache:
                 items.setdefault(service, service)
         return sorted(items.items())
 
-    def resources(self, items: Sequence[tuple[str, str]]) -> tuple[list[Resource], int]:
+    def resources(
+        self, items: Sequence[tuple[str, str]], had: Container[str]
+    ) -> tuple[list[Resource], int]:
         """The resources for ``items`` that may be sent now, and how many were held back.
 
         Until every source has synced, an empty assignment may only mean "not learned yet"
-        (sds just restarted, registrations not back): it is withheld, so a proxy keeps the
-        endpoints it has instead of dropping them all.
+        (sds just restarted, registrations not back). It is withheld from a client that showed
+        it had the resource (``had``, see :meth:`had`), so that proxy keeps the endpoints it has
+        instead of dropping them all. A client that had nothing, a proxy starting fresh, gets
+        it at once: withholding would protect nothing and only make it wait.
         """
         resources = [self.resource(name, target) for name, target in items]
         if self.registry.ready:
             return resources, 0
-        sendable = [r for r in resources if r.endpoint_count]
+        sendable = [r for r in resources if r.endpoint_count or r.name not in had]
         return sendable, len(resources) - len(sendable)
 
-    def answer(self, type_url: str, items: Sequence[tuple[str, str]]) -> tuple[Answer, int]:
+    def had(self, type_url: str, items: Sequence[tuple[str, str]], version: str) -> frozenset[str]:
+        """What a SotW or REST client showed it has, from the ``version_info`` of its request.
+
+        An empty version: nothing (a fresh proxy). A version that is exactly what we would
+        answer now: nothing we could take away. Any other version was accepted from an earlier
+        sds (or before a change): everything it asks for may have had endpoints.
+        """
+        if not version or self.registry.ready:
+            return frozenset()
+        current, _ = self.answer(type_url, items, had=())
+        if current.version == version:
+            return frozenset()
+        return frozenset(name for name, _ in items)
+
+    def answer(
+        self, type_url: str, items: Sequence[tuple[str, str]], had: Container[str]
+    ) -> tuple[Answer, int]:
         """The shared SotW answer for ``items``, and how many resources it withholds.
 
         A type we do not serve gets an empty answer, so the proxy does not wait for one.
         """
-        resources, withheld = self.resources(items) if type_url == EDS_TYPE_URL else ([], 0)
+        resources, withheld = self.resources(items, had) if type_url == EDS_TYPE_URL else ([], 0)
         key = (type_url, tuple((r.name, r.version) for r in resources))
         cached = self._answers.get(key)
         if cached is not None:

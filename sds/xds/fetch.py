@@ -22,7 +22,7 @@ def fetch(
     resolved keeps its target while it is ambiguous); a fresh one otherwise. An empty list
     of names means no resources, as on every transport. Raises :class:`ApiError`: 400 for a
     type other than ClusterLoadAssignment or a refused name list, 503 while every requested
-    resource is withheld.
+    resource is withheld (a client that had endpoints, asking while sources sync).
     """
     if request.type_url not in ("", EDS_TYPE_URL):
         raise bad_request(f"only {EDS_TYPE_URL} is served here, not {request.type_url}")
@@ -34,7 +34,10 @@ def fetch(
         metrics.XDS_REFUSED.labels("too_many_names" if exc.exhausted else "invalid_name").inc()
         raise bad_request(str(exc)) from None
     subscription.resolve(cache.resolve)
-    answer, withheld = cache.answer(EDS_TYPE_URL, cache.items(subscription))
+    items = cache.items(subscription)
+    # Each poll repeats the version the client last accepted: that says what it has.
+    had = cache.had(EDS_TYPE_URL, items, request.version_info)
+    answer, withheld = cache.answer(EDS_TYPE_URL, items, had)
     if withheld:
         metrics.XDS_WITHHELD.labels("rest").inc(withheld)
         if not answer.resources:

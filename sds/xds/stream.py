@@ -54,6 +54,9 @@ class _TypeState:
     nonce: str = ""
     version: str = ""
     pending_change: float | None = None  # when the change behind the unACKed push happened
+    # What the proxy showed it had when the stream opened: while sources sync, empty answers
+    # for these names are withheld (a reconnect after an sds restart), others go at once.
+    had: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,11 +291,11 @@ class XdsStream:
             },
         )
 
-    def _held_back(self, state: _TypeState, sendable: int, withheld: int) -> bool:
+    def _held_back(self, sendable: int, withheld: int) -> bool:
         """Whether an answer is held back entirely while sources sync (see the cache)."""
         if withheld:
             metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
-        return not sendable and not state.subscription.empty and not self._cache.registry.ready
+        return withheld > 0 and not sendable
 
     async def on_request(self, request: Any) -> None:
         """Handle one request from the proxy."""
@@ -313,6 +316,7 @@ class SotwStream(XdsStream):
         """Subscribe, ACK or NACK; answer when the subscription is new or changed."""
         self._connect(request.node)
         type_url = self._type_url(request.type_url)
+        first = type_url not in self._types
         state = self._state(type_url)
         if request.response_nonce and request.response_nonce != state.nonce:
             return  # stale: answers a response that a newer one superseded
@@ -325,6 +329,10 @@ class SotwStream(XdsStream):
             if state.subscription.same_as(names):
                 return
         self._subscribe(type_url, state, lambda s: s.replace(names))
+        if first:
+            # A reconnecting proxy repeats the version it last accepted; a fresh one sends none.
+            items = self._cache.items(state.subscription)
+            state.had = self._cache.had(type_url, items, request.version_info)
         await self._answer(type_url, state, None, force=True)
 
     async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
@@ -338,8 +346,9 @@ class SotwStream(XdsStream):
         self, type_url: str, state: _TypeState, changed_at: float | None, *, force: bool
     ) -> None:
         started = time.perf_counter()
-        answer, withheld = self._cache.answer(type_url, self._cache.items(state.subscription))
-        if self._held_back(state, len(answer.resources), withheld):
+        items = self._cache.items(state.subscription)
+        answer, withheld = self._cache.answer(type_url, items, state.had)
+        if self._held_back(len(answer.resources), withheld):
             return
         sent = dict(answer.key)
         if not force and state.answered and sent == state.sent:
@@ -372,8 +381,10 @@ class DeltaStream(XdsStream):
         first = type_url not in self._types
         state = self._state(type_url)
         if first:
-            # What the proxy already has (after a reconnect) need not be sent again.
+            # What the proxy already has (after a reconnect) need not be sent again, and while
+            # sources sync it is not replaced by an empty answer.
             state.sent.update(request.initial_resource_versions)
+            state.had = frozenset(request.initial_resource_versions)
         if request.response_nonce:
             version = self._versions_by_nonce.pop(request.response_nonce, None)
             if request.HasField("error_detail"):
@@ -407,7 +418,7 @@ class DeltaStream(XdsStream):
         removed = sorted(name for name in state.sent if name not in covered)
         for name in removed:
             del state.sent[name]
-        resources, withheld = self._cache.resources(items)
+        resources, withheld = self._cache.resources(items, state.had)
         if withheld:
             metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
         changed = [r for r in resources if state.sent.get(r.name) != r.version]
