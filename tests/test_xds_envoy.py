@@ -197,6 +197,35 @@ async def test_envoy_keeps_routing_while_sds_is_down_and_catches_up_after(
         assert (await client.get("/user/alice")).text == "backend-2"
 
 
+async def subscription_stats(edge: EnvoyProxy) -> dict[str, int]:
+    """Envoy's counters of the usersvc EDS subscription (``update_success``, ...)."""
+    prefix = "cluster.usersvc."
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(
+            f"{edge.admin_url}/stats", params={"format": "json", "filter": f"^{prefix}"}
+        )
+    return {
+        stat["name"].removeprefix(prefix): stat["value"]
+        for stat in response.json()["stats"]
+        if isinstance(stat.get("value"), int)  # not the text stats (version_text)
+    }
+
+
+@pytest.mark.parametrize("variant", ["ads", "ads-delta", "rest"])
+async def test_fresh_envoy_is_answered_at_once_while_sds_warms_up(
+    start_sds: Callable[..., Any], start_envoy: Callable[..., Any], variant: str
+) -> None:
+    sds: RunningSds = await start_sds(xds_debounce=0.0, registration_warmup=60.0)
+
+    edge, _ = await start_edge(start_envoy, variant, sds)
+
+    stats = await subscription_stats(edge)
+    assert stats["init_fetch_timeout"] == 0
+    assert stats["update_success"] >= 1
+    publish(sds, pod(9001))
+    await wait_hosts(edge, {(9001, "HEALTHY", 1)})
+
+
 async def test_debug_proxies_shows_a_synced_envoy(
     start_sds: Callable[..., Any], start_envoy: Callable[..., Any]
 ) -> None:
