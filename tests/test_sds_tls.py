@@ -21,6 +21,7 @@ from envoy.service.endpoint.v3 import eds_pb2_grpc
 from envoymesh.envoyconf import render
 from envoymesh.ports import free_port
 from meshctl.envoy import EnvoyProxy
+from meshctl.postgres import LocalPostgres
 from sds.model import Endpoint, Source
 from tests.conftest import SDS_AUTH, RunningSds, SdsProcess
 
@@ -470,3 +471,24 @@ async def test_an_sds_process_serves_https_and_grpc_over_mtls(
         )
     assert [r.type_url for r in response.resources] == [EDS]
     assert '"tls":true' in sds.log()
+
+
+async def test_usersvc_registers_over_https_with_the_ca_in_ssl_cert_file(
+    start_sds: Callable[..., Any],
+    usersvc_process: Callable[..., Any],
+    private_postgres: LocalPostgres,
+    pki: Pki,
+) -> None:
+    sds: RunningSds = await start_sds(**tls_settings(pki))
+    await usersvc_process(
+        private_postgres.url,
+        env={
+            "USERSVC_SDS_URL": sds.url,
+            "USERSVC_REGISTER_PORT": "10001",
+            "POD_IP": "127.0.0.1",
+            "SSL_CERT_FILE": str(pki.ca_file),  # httpx's trust store, so no usersvc setting
+        },
+    )
+    async with asyncio.timeout(20):
+        while [e.key for e in sds.registry.snapshot("usersvc").endpoints] != [("127.0.0.1", 10001)]:
+            await asyncio.sleep(0.05)
