@@ -260,6 +260,8 @@ class FakeApiServer:
         self._forbidden = False
         self.expire_continue_tokens = False
         """When set, every ``continue`` token is too old: 410 as after a compaction."""
+        self.hang_new_watches = False
+        """When set, new watch requests get no answer at all, not even headers."""
         self._runner: web.AppRunner | None = None
         self._port = 0
         self.list_requests = 0
@@ -479,6 +481,8 @@ class FakeApiServer:
 
     async def _watch(self, request: web.Request, matches: Predicate) -> web.StreamResponse:
         self.watches += 1
+        if self.hang_new_watches:
+            await asyncio.Event().wait()  # until the client gives up and the handler is cancelled
         requested = request.query.get("resourceVersion", "")
         self.watch_resource_versions.append(requested)
         timeout = float(request.query.get("timeoutSeconds") or 1800)

@@ -758,6 +758,25 @@ async def test_silent_watch_counts_as_a_restart(
     )
 
 
+async def test_watch_that_never_answers_is_given_up_after_the_request_timeout(
+    apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    registry = await start_source(watch=watch_settings(request_timeout=0.3))
+    await eventually(lambda: apiserver.open_watches == 1)
+    timeouts = counted("sds_kubernetes_api_errors_total", status="timeout")
+
+    apiserver.hang_new_watches = True
+    apiserver.drop_watches()
+    await eventually(
+        lambda: counted("sds_kubernetes_api_errors_total", status="timeout") > timeouts
+    )
+    apiserver.hang_new_watches = False
+    apiserver.apply(endpoint_slice("users-1", "default", "users", addresses=["10.0.0.1"]))
+
+    await eventually(lambda: hosts(registry, "users.default") == {("10.0.0.1", 80)})
+    assert apiserver.lists == 1
+
+
 async def test_undecodable_event_relists_instead_of_retrying_its_version(
     apiserver: FakeApiServer, start_source: StartSource
 ) -> None:

@@ -360,7 +360,10 @@ class KubernetesSource:
         server_timeout = int(settings.server_timeout * random.uniform(1.0, 2.0))  # noqa: S311
         # The server ends the stream after server_timeout; the read timeout catches a dead
         # peer, and this outer bound a server that trickles bookmarks past its own deadline.
-        async with asyncio.timeout(server_timeout + settings.read_timeout):
+        async with asyncio.timeout(server_timeout + settings.read_timeout) as whole:
+            # Until the headers are in, the request timeout holds: a server that accepts the
+            # connection and never answers must not hold the watch for the whole stream.
+            whole.reschedule(loop.time() + settings.request_timeout)
             response = await self._open(
                 self._call(
                     api,
@@ -371,6 +374,7 @@ class KubernetesSource:
                     timeout_seconds=server_timeout,
                 )
             )
+            whole.reschedule(started + server_timeout + settings.read_timeout)
             events = 0
             try:
                 self._allowed(cursor)
