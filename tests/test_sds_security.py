@@ -158,6 +158,10 @@ async def test_tokens_file_is_reread_on_sighup_and_tokens_never_logged(
             "/v1/registration/usersvc", json=HOST, headers=bearer("second-token-0123456789")
         )
         assert (old.status_code, new.status_code) == (401, 200)
+        elsewhere = await client.post(
+            "/v1/registration/orders", json=HOST, headers=bearer("second-token-0123456789")
+        )
+        assert elsewhere.status_code == 403
 
         tokens.write_text("third-token-0123456789\n")  # no glob: refused, the old ones stay
         sds.proc.send_signal(signal.SIGHUP)
@@ -476,3 +480,18 @@ async def test_an_sds_process_refuses_unreachable_addresses_until_told(
                 f"{sds.url}/v1/registration/usersvc", json={"ip": "169.254.169.254", "port": 80}
             )
             assert metadata.status_code == 400
+
+
+async def test_an_sds_process_takes_auto_ip_from_its_trusted_proxy(
+    sds_process: Callable[..., Any],
+) -> None:
+    sds: SdsProcess = await sds_process(
+        "--trusted-proxies", "127.0.0.0/8", env={"SDS_WRITE_TOKEN": "auto-token"}
+    )
+    headers = {**bearer("auto-token"), "x-forwarded-for": "198.51.100.7, 10.4.5.6"}
+    async with httpx.AsyncClient(base_url=sds.url, headers=headers) as client:
+        response = await client.post(
+            "/v1/registration/usersvc", data={"auto_ip": "true", "port": "80"}
+        )
+        assert response.json()["ip_address"] == "10.4.5.6"
+        assert await registered(client, "usersvc") == ["10.4.5.6:80"]

@@ -470,6 +470,13 @@ async def test_an_sds_process_serves_https_and_grpc_over_mtls(
             discovery_pb2.DiscoveryRequest(resource_names=["x"], type_url=EDS), timeout=10
         )
     assert [r.type_url for r in response.resources] == [EDS]
+    async with grpc.aio.secure_channel(
+        sds.grpc_target, pki.client_credentials(with_cert=False), options=options
+    ) as channel:
+        stub = eds_pb2_grpc.EndpointDiscoveryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.FetchEndpoints(discovery_pb2.DiscoveryRequest(type_url=EDS), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert '"tls":true' in sds.log()
 
 
