@@ -58,6 +58,14 @@ def build_parser(model: type[BaseSettings], prog: str, description: str) -> argp
     return parser
 
 
+def _problem(location: tuple[int | str, ...], message: str) -> str:
+    """One settings error as the command line names it: the flag, when it is about one."""
+    message = message.removeprefix("Value error, ")
+    if not location:  # a rule across several settings; its message names the flags
+        return message
+    return f"--{'-'.join(str(p) for p in location).replace('_', '-')}: {message}"
+
+
 def parse(model: type[S], prog: str, description: str, argv: Sequence[str] | None = None) -> S:
     """Settings from the environment, overridden by the flags given in ``argv``."""
     parser = build_parser(model, prog, description)
@@ -66,8 +74,5 @@ def parse(model: type[S], prog: str, description: str, argv: Sequence[str] | Non
     try:
         return model(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors())
         parser.error(problems)
