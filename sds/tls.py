@@ -56,7 +56,7 @@ class ServerTls:
         self._grpc_pending: grpc.ServerCertificateConfiguration | None = None
         self._failed_stamp: tuple[tuple[int, int, int], ...] | None = None
         # The context the HTTP listener is created with; new ones are handed out from it.
-        self.http_context = self._http_context(self._material)
+        self.http_context = self._material.context
         self.http_context.sni_callback = self._pick_http_context
 
     @property
@@ -81,6 +81,8 @@ class ServerTls:
             key = self.key_file.read_bytes()
             client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_alpn_protocols(["http/1.1"])
             context.load_cert_chain(self.cert_file, self.key_file)
             if client_ca is not None:
                 ssl.create_default_context(cadata=client_ca.decode("ascii"))
@@ -92,13 +94,6 @@ class ServerTls:
 
     def _names(self) -> str:
         return ", ".join(str(p) for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
-
-    @staticmethod
-    def _http_context(material: _Material) -> ssl.SSLContext:
-        context = material.context
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["http/1.1"])
-        return context
 
     def _pick_http_context(
         self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext
@@ -145,13 +140,6 @@ class ServerTls:
                 "tls certificates not reloaded, the previous ones stay", extra={"error": str(exc)}
             )
             return False
-        material = _Material(
-            material.stamp,
-            material.cert,
-            material.key,
-            material.client_ca,
-            self._http_context(material),
-        )
         with self._lock:
             self._grpc_pending = self._grpc_configuration(material)
         self._material = material
