@@ -113,3 +113,23 @@ async def test_busy_answers_are_documented(
     assert {r.status_code for r in replies} == {201, 503}
     for response in replies:
         assert_documented(spec, "put", "/user/{username}", response)
+
+
+async def test_rate_limited_answers_are_documented(
+    usersvc: httpx.AsyncClient, spec: dict[str, Any]
+) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    for _ in range(10):
+        await usersvc.post("/user/alice/login", json={"password": "guess"})
+    calls = [
+        ("post", "/user/{username}/login", await usersvc.post("/user/alice/login", json=ALICE)),
+        (
+            "put",
+            "/user/{username}",
+            await usersvc.put("/user/alice", json=ALICE, headers=ALICE_AUTH),
+        ),
+        ("delete", "/user/{username}", await usersvc.delete("/user/alice", headers=ALICE_AUTH)),
+    ]
+    for method, template, response in calls:
+        assert response.status_code == 429
+        assert_documented(spec, method, template, response)
