@@ -177,8 +177,9 @@ class Replica:
             "USERSVC_REGISTER_PORT": str(at.sidecar_port),
             "USERSVC_REGISTER_INTERVAL": str(mesh.heartbeat_interval),
             "USERSVC_DRAIN_SECONDS": str(settings.drain_seconds),
-            # The sidecar and the edge are local: X-Forwarded-For from loopback names the client.
-            "USERSVC_TRUSTED_PROXIES": "127.0.0.0/8",
+            # Only the sidecar, which connects from the replica's address, is believed when it
+            # passes on the X-Forwarded-For the edge wrote.
+            "USERSVC_TRUSTED_PROXIES": at.address,
         }
         self.usersvc = _Process(
             at.name,

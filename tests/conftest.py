@@ -21,6 +21,7 @@ import yaml
 from envoymesh.ports import free_port
 from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.envoy import EnvoyProxy
+from meshctl.mesh import Mesh, MeshSettings, free_mesh_ports
 from meshctl.postgres import LocalPostgres
 from sds.config import Settings as SdsSettings
 from sds.model import Endpoint, Source
@@ -456,3 +457,31 @@ async def backends(start_envoy: Callable[..., Any]) -> list[int]:
     ports, admin = [free_port() for _ in range(3)], free_port()
     await start_envoy("backends", backends_config(ports, admin), admin)
     return ports
+
+
+@pytest.fixture
+async def start_mesh(tmp_path: Path, postgres_url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start local meshes (meshctl's Mesh) on free ports; all stopped at teardown.
+
+    ``await start_mesh(replicas)`` uses the session's PostgreSQL; ``own_postgres=True`` gives
+    the mesh a PostgreSQL of its own, which the test may stop and start.
+    """
+    meshes: list[Mesh] = []
+
+    async def start(replicas: int, *, own_postgres: bool = False) -> Mesh:
+        settings = MeshSettings(
+            run_dir=tmp_path / f"mesh{len(meshes)}",
+            replicas=replicas,
+            database_url="" if own_postgres else postgres_url,
+            drain_seconds=1.0,
+            say=lambda _: None,
+            **free_mesh_ports(),
+        )
+        mesh = Mesh(settings)
+        meshes.append(mesh)
+        await mesh.start()
+        return mesh
+
+    yield start
+    for mesh in meshes:
+        await mesh.stop()

@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +16,12 @@ import httpx
 import pytest
 
 from envoymesh.procs import ManagedProcess
-from meshctl.mesh import Mesh, MeshSettings, free_mesh_ports
+from meshctl.mesh import Mesh, free_mesh_ports
 
 pytestmark = pytest.mark.slow
 
 # alice's credentials: creating her ignores them; where she exists, they make the PUT an update.
 ALICE_AUTH = ("alice", "pw")
-
-
-@pytest.fixture
-async def start_mesh(tmp_path: Path, postgres_url: str) -> AsyncIterator[Callable[..., Any]]:
-    meshes: list[Mesh] = []
-
-    async def start(replicas: int) -> Mesh:
-        settings = MeshSettings(
-            run_dir=tmp_path / f"mesh{len(meshes)}",
-            replicas=replicas,
-            database_url=postgres_url,
-            drain_seconds=1.0,
-            say=lambda _: None,
-            **free_mesh_ports(),
-        )
-        mesh = Mesh(settings)
-        meshes.append(mesh)
-        await mesh.start()
-        return mesh
-
-    yield start
-    for mesh in meshes:
-        await mesh.stop()
 
 
 async def get_alice(client: httpx.AsyncClient) -> str:

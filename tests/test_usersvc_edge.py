@@ -1,0 +1,100 @@
+"""usersvc behind the real edge and sidecar Envoys: what the edge retries, and what it never does.
+
+Run under the heavy lock (each test starts a mesh of Envoys and usersvc processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from meshctl.mesh import Mesh
+
+pytestmark = pytest.mark.slow
+
+
+async def edge_counter(mesh: Mesh, name: str) -> int:
+    """One counter of the edge Envoy (``cluster.usersvc.<name>``)."""
+    assert mesh.edge.proxy is not None
+    stat = f"cluster.usersvc.{name}"
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"{mesh.edge.proxy.admin_url}/stats",
+            params={"filter": f"^{stat}$", "format": "json"},
+        )
+    values = [s["value"] for s in response.json()["stats"] if s.get("name") == stat]
+    return int(values[0]) if values else 0
+
+
+async def put_many(mesh: Mesh, prefix: str, count: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=30, limits=limits) as client:
+        return await asyncio.gather(
+            *(
+                client.put(f"/user/{prefix}-{i}", json={"fullname": "F", "password": f"p{i}"})
+                for i in range(count)
+            )
+        )
+
+
+async def test_edge_never_retries_a_503_that_usersvc_answered(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(2)
+    before = await edge_counter(mesh, "upstream_rq_retry")
+    replies = await put_many(mesh, "busy", 60)
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) == {201, 503}, statuses
+    for busy in (r for r in replies if r.status_code == 503):
+        assert busy.json()["ok"] is False  # usersvc's answer, not the edge's
+        assert busy.headers["retry-after"] == "1"
+    assert await edge_counter(mesh, "upstream_rq_retry") == before
+    # Shedding load is not failing: both replicas stay in rotation.
+    await mesh.wait_edge_hosts(2, timeout=5)
+
+
+async def test_edge_retries_a_put_elsewhere_when_a_replica_cannot_be_reached(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(2)
+    victim = mesh.replicas[2]
+    assert victim.usersvc.proc is not None
+    # Its sidecar stays up and answers 503 for it: marked unreachable, retried elsewhere.
+    victim.usersvc.proc.send_signal(signal.SIGKILL)
+    await victim.usersvc.proc.wait(timeout=10)
+    before = await edge_counter(mesh, "upstream_rq_retry")
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=30) as client:
+        for i in range(6):
+            response = await client.put(
+                f"/user/retried-{i}", json={"fullname": "F", "password": "pw"}
+            )
+            assert response.status_code == 201, response.text
+            assert response.json()["resolvedname"] == mesh.replicas[1].at.address
+            assert "x-envoymesh-unreachable" not in response.headers
+    assert await edge_counter(mesh, "upstream_rq_retry") > before
+
+
+async def test_through_the_edge_a_client_cannot_forge_its_way_past_the_login_limit(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(1)
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=30) as client:
+        # Its own name: the mesh shares the session's database with the demo's alice.
+        await client.put("/user/carroll", json={"fullname": "Carroll", "password": "right"})
+        for i in range(10):
+            forged = {"x-forwarded-for": f"203.0.113.{i}"}
+            response = await client.post(
+                "/user/carroll/login", json={"password": "guess"}, headers=forged
+            )
+            assert response.status_code == 401
+        forged = {"x-forwarded-for": "198.51.100.1"}
+        limited = await client.post(
+            "/user/carroll/login", json={"password": "right"}, headers=forged
+        )
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) > 0
