@@ -251,3 +251,24 @@ async def test_edge_keeps_every_replica_while_sds_restarts(start_mesh: Callable[
     finally:
         stop.set()
         await supervisor
+
+
+async def test_mesh_sds_takes_writes_only_with_its_generated_token(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(1)
+    token_file = mesh.write_token_file
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    weight = {"load_balancing_weight": "50"}
+    async with httpx.AsyncClient(base_url=mesh.sds_url) as sds:
+        anonymous = await sds.post("/v1/loadbalancing/usersvc", data=weight)
+        assert anonymous.status_code == 401
+        allowed = await sds.post(
+            "/v1/loadbalancing/usersvc", data=weight, headers={"authorization": f"Bearer {token}"}
+        )
+        assert allowed.status_code == 204
+        [host] = (await sds.get("/v1/registration/usersvc")).json()["hosts"]
+    assert host["tags"]["load_balancing_weight"] == 50
+    assert host["ip_address"].startswith("127.")  # admitted by --allow-loopback
+    assert token not in (mesh.run_dir / "logs" / "sds.log").read_text()
