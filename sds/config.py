@@ -64,9 +64,8 @@ class Settings(BaseSettings):
     registration_warmup: float | None = Field(
         None,
         ge=0,
-        description="after start, seconds to wait for heartbeats before empty answers are given"
-        f" to proxies that had hosts (default: {WARMUP_HEARTBEATS:g} times"
-        " --heartbeat-interval)",
+        description="after start, seconds to wait for heartbeats before proxies that had hosts"
+        f" are answered (default: {WARMUP_HEARTBEATS:g} times --heartbeat-interval)",
     )
     write_token: SecretStr | None = Field(
         None, description="token for registration writes (`Authorization: Bearer <token>`)"

@@ -83,6 +83,9 @@ class XdsCache:
             RESOURCE_CACHE_SIZE
         )
         self._answers: Lru[tuple[str, tuple[tuple[str, str], ...]], Answer] = Lru(ANSWER_CACHE_SIZE)
+        # SotW versions this process has answered with: a client holding one has our state,
+        # not an earlier sds's (see had()).
+        self._issued: Lru[str, bool] = Lru(ANSWER_CACHE_SIZE)
         self._json: Lru[tuple[str, ...], bytes] = Lru(ANSWER_CACHE_SIZE)
         self._ambiguous: set[str] = set()
 
@@ -212,29 +215,31 @@ class XdsCache:
     ) -> tuple[list[Resource], int]:
         """The resources for ``items`` that may be sent now, and how many were held back.
 
-        Until every source has synced, an empty assignment may only mean "not learned yet"
-        (sds just restarted, registrations not back). It is withheld from a client that showed
-        it had the resource (``had``, see :meth:`had`), so that proxy keeps the endpoints it has
-        instead of dropping them all. A client that had nothing, a proxy starting fresh, gets
-        it at once: withholding would protect nothing and only make it wait.
+        Until every source has synced, what sds knows may be partial: after a restart,
+        registrations come back one heartbeat at a time, and an empty assignment may only
+        mean "not learned yet". So a client that showed it had a resource (``had``, see
+        :meth:`had`) gets no new answer for it yet and keeps the endpoints it has, instead of
+        dropping some or all of them. A client that had nothing, a proxy starting fresh, gets
+        what is known at once: withholding would protect nothing and only make it wait.
         """
         resources = [self.resource(name, target) for name, target in items]
         if self.registry.ready:
             return resources, 0
-        sendable = [r for r in resources if r.endpoint_count or r.name not in had]
+        sendable = [r for r in resources if r.name not in had]
         return sendable, len(resources) - len(sendable)
 
     def had(self, type_url: str, items: Sequence[tuple[str, str]], version: str) -> frozenset[str]:
         """What a SotW or REST client showed it has, from the ``version_info`` of its request.
 
-        An empty version: nothing (a fresh proxy). A version that is exactly what we would
-        answer now: nothing we could take away. Any other version was accepted from an earlier
-        sds (or before a change): everything it asks for may have had endpoints.
+        An empty version: nothing (a fresh proxy). A version this sds answered with (our
+        current answer, or an earlier one to a client that started fresh): nothing we could
+        take away, as what we know only grows while sources sync. Any other version was
+        accepted from an earlier sds: everything it asks for may have had endpoints.
         """
         if not version or self.registry.ready:
             return frozenset()
-        current, _ = self.answer(type_url, items, had=())
-        if current.version == version:
+        self.answer(type_url, items, had=())  # the current answer counts as ours
+        if self._issued.get(version):
             return frozenset()
         return frozenset(name for name, _ in items)
 
@@ -259,6 +264,7 @@ class XdsCache:
         ).SerializeToString()
         answer = Answer(type_url, tuple(resources), version, body)
         self._answers.put(key, answer)
+        self._issued.put(version, True)
         return answer, withheld
 
     def answer_json(self, answer: Answer) -> bytes:

@@ -54,8 +54,8 @@ class _TypeState:
     nonce: str = ""
     version: str = ""
     pending_change: float | None = None  # when the change behind the unACKed push happened
-    # What the proxy showed it had when the stream opened: while sources sync, empty answers
-    # for these names are withheld (a reconnect after an sds restart), others go at once.
+    # What the proxy showed it had when the stream opened: while sources sync, these names get
+    # no new answer (a reconnect after an sds restart keeps its endpoints); others go at once.
     had: frozenset[str] = frozenset()
 
 
@@ -412,7 +412,7 @@ class DeltaStream(XdsStream):
         state = self._state(type_url)
         if first:
             # What the proxy already has (after a reconnect) need not be sent again, and while
-            # sources sync it is not replaced by an empty answer.
+            # sources sync it is not replaced by what sds has learned so far.
             state.sent.update(request.initial_resource_versions)
             state.had = frozenset(request.initial_resource_versions)
         if request.response_nonce:
