@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import random
 import statistics
 import sys
@@ -33,7 +34,7 @@ from envoymesh.ports import free_port
 from meshctl.envoy import EnvoyProxy
 from sds.config import Settings
 from sds.model import Endpoint, Source
-from sds.server import SdsServer
+from sds.server import GC_THRESHOLDS, SdsServer
 from sds.xds.cache import XdsCache
 from sds.xds.resources import combined_version
 
@@ -213,4 +214,5 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--debounce", type=float, default=0.01)
     args = parser.parse_args()
+    gc.set_threshold(*GC_THRESHOLDS)  # as the sds process sets them
     sys.exit(asyncio.run(main(args.changes, args.streams, args.debounce)))
