@@ -206,7 +206,7 @@ async def usersvc_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
         await proc.start()
         base = f"http://127.0.0.1:{port}"
         await wait_http(
-            f"{base}/user/health" if wait_healthy else f"{base}/openapi.json",
+            f"{base}/user/health" if wait_healthy else f"{base}/user/live",
             timeout=30,
             process=proc,
         )

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import re
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import httpx
@@ -41,7 +43,43 @@ async def test_health_reports_ok_when_database_answers(usersvc: httpx.AsyncClien
     body = response.json()
     assert body["ok"] is True
     assert body["msg"] == "user health check OK"
+    assert body["busy"] is False
+    assert body["pool"]["max"] == 10
+    assert 0 <= body["pool"]["in_use"] <= body["pool"]["size"] <= 10
     assert_stamped(body)
+
+
+async def test_live_answers_without_the_database(start_usersvc: Callable[..., Any]) -> None:
+    down: httpx.AsyncClient = await start_usersvc(
+        database_url="postgresql://usersvc@127.0.0.1:1/usersvc", db_timeout=0.2
+    )
+    live = await down.get("/user/live")
+    assert live.status_code == 200
+    assert live.json()["ok"] is True
+    assert (await down.get("/user/health")).status_code == 503
+
+
+async def test_a_saturated_pool_is_reported_busy_not_down(
+    start_usersvc: Callable[..., Any], db_conn: asyncpg.Connection
+) -> None:
+    client: httpx.AsyncClient = await start_usersvc(pool_max_size=2, db_timeout=20)
+    await client.put("/user/alice", json=ALICE)
+    # Every pooled connection ends up waiting behind this lock; the health check does not.
+    async with db_conn.transaction():
+        await db_conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        stuck = [asyncio.create_task(client.get("/user/alice")) for _ in range(4)]
+        async with asyncio.timeout(15):
+            while True:
+                health = await client.get("/user/health")
+                assert health.status_code == 200
+                if health.json()["busy"]:
+                    break
+                await asyncio.sleep(0.05)
+        assert health.json()["pool"] == {"size": 2, "idle": 0, "in_use": 2, "max": 2}
+        assert "busy" in health.json()["msg"]
+    assert {r.status_code for r in await asyncio.gather(*stuck)} == {200}
+    after = (await client.get("/user/health")).json()
+    assert after["busy"] is False
 
 
 async def test_put_creates_user_with_201_and_uppercase_hex_uuid(
@@ -383,6 +421,7 @@ async def test_openapi_document_lists_every_route(usersvc: httpx.AsyncClient) ->
     spec = (await usersvc.get("/openapi.json")).json()
     assert set(spec["paths"]) == {
         "/user/health",
+        "/user/live",
         "/user/{username}",
         "/user/{username}/login",
     }

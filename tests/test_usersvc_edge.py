@@ -98,3 +98,57 @@ async def test_through_the_edge_a_client_cannot_forge_its_way_past_the_login_lim
         )
     assert limited.status_code == 429
     assert int(limited.headers["retry-after"]) > 0
+
+
+async def serving_hosts(mesh: Mesh) -> set[str]:
+    assert mesh.edge.proxy is not None
+    hosts = (await mesh.edge.proxy.clusters()).get("usersvc", [])
+    return {h.address for h in hosts if h.serving}
+
+
+async def test_database_outage_under_traffic_replicas_leave_the_edge_and_come_back(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(2, own_postgres=True)
+    assert mesh.postgres is not None
+    replicas = {r.at.address for r in mesh.replicas.values()}
+    statuses: list[tuple[str, int]] = []  # (phase, status)
+    phase = "before"
+    done = asyncio.Event()
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+            while not done.is_set():
+                try:
+                    status = (await client.get("/user/alice")).status_code
+                except httpx.HTTPError:
+                    status = 0
+                statuses.append((phase, status))
+                await asyncio.sleep(0.02)
+
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+        created = await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
+        assert created.status_code == 201
+    worker = asyncio.create_task(traffic())
+    try:
+        await asyncio.sleep(0.5)
+        phase = "outage"
+        await mesh.postgres.stop()
+        async with asyncio.timeout(20):
+            while await serving_hosts(mesh):
+                await asyncio.sleep(0.1)
+        phase = "restart"
+        await mesh.postgres.start()
+        async with asyncio.timeout(30):
+            while await serving_hosts(mesh) != replicas:
+                await asyncio.sleep(0.1)
+        phase = "after"
+        await asyncio.sleep(1.0)
+    finally:
+        done.set()
+        await worker
+    assert {s for p, s in statuses if p == "before"} == {200}
+    assert {s for p, s in statuses if p == "after"} == {200}
+    assert any(s == 503 for p, s in statuses if p == "outage")
+    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=10) as client:
+        assert (await client.get("/user/alice")).json()["uuid"] == created.json()["uuid"]

@@ -48,6 +48,7 @@ async def test_every_answer_is_documented(usersvc: httpx.AsyncClient, spec: dict
     user, login = "/user/{username}", "/user/{username}/login"
     calls: list[tuple[str, str, httpx.Response]] = [
         ("get", "/user/health", await usersvc.get("/user/health")),
+        ("get", "/user/live", await usersvc.get("/user/live")),
         ("put", user, await usersvc.put("/user/alice", json=ALICE)),
         ("put", user, await usersvc.put("/user/alice", json=ALICE, headers=ALICE_AUTH)),
         ("put", user, await usersvc.put("/user/alice", json=ALICE)),

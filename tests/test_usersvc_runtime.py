@@ -167,6 +167,30 @@ async def test_registration_waits_for_the_database(
             await asyncio.sleep(0.1)
 
 
+async def test_a_replica_leaves_sds_while_its_database_is_down_and_returns_after(
+    private_postgres: LocalPostgres,
+    usersvc_process: Callable[..., Any],
+    start_sds: Callable[..., Any],
+) -> None:
+    sds: RunningSds = await start_sds()
+    proc, base = await usersvc_process(
+        private_postgres.url,
+        env={"USERSVC_SDS_URL": sds.url, "USERSVC_REGISTER_PORT": "10001", "POD_IP": "127.0.0.1"},
+    )
+    await wait_registered(sds, [("127.0.0.1", 10001)])
+    await private_postgres.stop()
+    await wait_registered(sds, [])
+    async with httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/user/health")).status_code == 503
+        assert (await client.get("/user/live")).status_code == 200
+    await private_postgres.start()
+    await wait_registered(sds, [("127.0.0.1", 10001)])
+    assert proc.running()
+    assert (
+        '"event":"database unreachable: leaving sds until it is back"' in proc.log_path.read_text()
+    )
+
+
 async def test_drain_keeps_serving_after_leaving_sds(
     private_postgres: LocalPostgres,
     usersvc_process: Callable[..., Any],

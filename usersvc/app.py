@@ -91,7 +91,22 @@ class Reply(BaseModel):
     resolvedname: str
 
 
+class PoolNumbers(BaseModel):
+    """The request pool's connections."""
+
+    size: int
+    idle: int
+    in_use: int
+    max: int
+
+
 class HealthReply(Reply):
+    msg: str
+    busy: bool = Field(description="every pooled connection is in use (load, not an outage)")
+    pool: PoolNumbers
+
+
+class LiveReply(Reply):
     msg: str
 
 
@@ -203,7 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
                 port=settings.register_port or settings.port,
                 interval=settings.register_interval,
                 token=settings.sds_token,
-                healthy=lambda: db.connected,
+                healthy=db.reachable,
             )
             registration.start()
             app.state.drain = registration.deregister
@@ -295,11 +310,21 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def health() -> JSONResponse:
         try:
-            async with db.connection() as conn:
-                await conn.fetchval("SELECT 1")
+            await db.ping()
         except DatabaseUnavailable as exc:
             return error(503, f"user health check failed: {exc}")
-        return reply(200, ok=True, msg="user health check OK")
+        pool = db.pool_numbers()
+        busy = pool["idle"] == 0 and pool["size"] >= pool["max"]
+        msg = "user health check OK" + (" (busy: every pooled connection in use)" if busy else "")
+        return reply(200, ok=True, msg=msg, busy=busy, pool=pool)
+
+    @app.get(
+        "/user/live",
+        response_model=LiveReply,
+        summary="Liveness: the process serves HTTP (needs no database)",
+    )
+    async def live() -> JSONResponse:
+        return reply(200, ok=True, msg="alive")
 
     def failure_key(request: Request, username: str) -> tuple[str, str]:
         # The client as the trusted proxies name it (ProxyHeadersMiddleware), else the peer.

@@ -94,6 +94,10 @@ class Database:
         self._timeout = timeout
         self._pool: asyncpg.Pool[Any] | None = None
         self._connector: asyncio.Task[None] | None = None
+        # Health checks use a connection of their own: a pool saturated by requests is busy,
+        # not down, and must not make the health check wait or fail.
+        self._health_conn: asyncpg.Connection[Any] | None = None
+        self._health_lock = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -112,8 +116,44 @@ class Database:
             await asyncio.wait_for(asyncio.shield(self._connector), timeout)
         return self.connected
 
+    def pool_numbers(self) -> dict[str, int]:
+        """The request pool right now: connections open, idle, in use, and the most allowed."""
+        pool = self._pool
+        if pool is None:
+            return {"size": 0, "idle": 0, "in_use": 0, "max": self._max_size}
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return {"size": size, "idle": idle, "in_use": size - idle, "max": pool.get_max_size()}
+
+    async def ping(self) -> None:
+        """``SELECT 1`` on the health connection; :class:`DatabaseUnavailable` if it fails."""
+        if self._pool is None:
+            raise DatabaseUnavailable("database not connected yet")
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._health_lock:
+                    if self._health_conn is None or self._health_conn.is_closed():
+                        self._health_conn = await asyncpg.connect(self._dsn)
+                    await self._health_conn.fetchval("SELECT 1")
+        except STARTUP_ERRORS as exc:
+            self._drop_health_connection()
+            raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from exc
+
+    async def reachable(self) -> bool:
+        """True when the pool exists and the database answers the health connection."""
+        try:
+            await self.ping()
+        except DatabaseUnavailable:
+            return False
+        return True
+
+    def _drop_health_connection(self) -> None:
+        conn, self._health_conn = self._health_conn, None
+        if conn is not None:
+            conn.terminate()
+
     async def close(self) -> None:
         """Stop connecting and close the pool, waiting at most a few seconds for it."""
+        self._drop_health_connection()
         if self._connector is not None:
             self._connector.cancel()
             with suppress(asyncio.CancelledError):

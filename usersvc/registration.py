@@ -1,8 +1,10 @@
 """Self-registration with sds: announce this replica, heartbeat, deregister on the way out.
 
-The replica registers only while its database answers, so the edge never learns of a replica
-that cannot serve. A failed heartbeat is retried on the next tick; sds keeps registrations as
-soft state, so after an sds restart the next heartbeat restores this replica.
+The replica is registered only while its database answers: it registers once the database
+does, and deregisters when the database stops answering, so the edge sends no requests to a
+replica that could only answer 503; it registers again when the database is back. A failed
+heartbeat is retried on the next tick; sds keeps registrations as soft state, so after an sds
+restart the next heartbeat restores this replica.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 from pydantic import SecretStr
 
 log = logging.getLogger("usersvc.registration")
+
+# Seconds between database checks while registered.
+HEALTH_CHECK_INTERVAL = 1.0
 
 
 class Registration:
@@ -30,7 +35,7 @@ class Registration:
         port: int,
         interval: float,
         token: SecretStr | None,
-        healthy: Callable[[], bool],
+        healthy: Callable[[], Awaitable[bool]],
     ) -> None:
         headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self._client = httpx.AsyncClient(base_url=sds_url, headers=headers, timeout=2.0)
@@ -48,10 +53,19 @@ class Registration:
         self._task = asyncio.create_task(self._heartbeat(), name="sds-registration")
 
     async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = 0.0
         while not self._stop.is_set():
-            if self._healthy():
-                await self._register()
-            delay = self._interval if self._registered else min(self._interval, 0.5)
+            # The database is checked more often than the heartbeat, so an outage takes this
+            # replica out of the edge within about HEALTH_CHECK_INTERVAL.
+            if await self._healthy():
+                if not self._registered or loop.time() >= next_beat:
+                    await self._register()
+                    next_beat = loop.time() + self._interval
+            elif self._registered:
+                log.warning("database unreachable: leaving sds until it is back")
+                await self._delete()
+            delay = min(self._interval, HEALTH_CHECK_INTERVAL if self._registered else 0.5)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
 
@@ -87,16 +101,19 @@ class Registration:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-            try:
-                response = await self._client.delete(
-                    f"/v1/registration/{self._service}/{self._address}/{self._port}"
-                )
-                if response.status_code not in (200, 404):
-                    response.raise_for_status()
-                log.info("deregistered from sds", extra={"service": self._service})
-            except httpx.HTTPError as exc:
-                log.warning("deregistration failed", extra={"error": str(exc)})
-            self._registered = False
+            await self._delete()
+
+    async def _delete(self) -> None:
+        try:
+            response = await self._client.delete(
+                f"/v1/registration/{self._service}/{self._address}/{self._port}"
+            )
+            if response.status_code not in (200, 404):
+                response.raise_for_status()
+            log.info("deregistered from sds", extra={"service": self._service})
+        except httpx.HTTPError as exc:
+            log.warning("deregistration failed", extra={"error": str(exc)})
+        self._registered = False
 
     async def close(self) -> None:
         """Deregister and release the HTTP client."""
