@@ -8,13 +8,38 @@ disagree.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Sequence
-from typing import Any, TypeVar, get_origin
+from typing import Annotated, Any, TypeVar, get_origin
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic_settings import BaseSettings, NoDecode
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def _split_commas(value: object) -> object:
+    """``"a, b"`` (the environment) or ``["a,b", "c"]`` (repeated flags) -> ``["a", "b", "c"]``."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+    return value
+
+
+def _check_networks(value: list[str]) -> list[str]:
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
+    return value
+
+
+# A list setting given as comma-separated text in the environment or as repeated flags.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+# Such a list of IP addresses or CIDR blocks (trusted proxies).
+NetworkList = Annotated[CommaList, AfterValidator(_check_networks)]
 
 
 def _env_name(model: type[BaseSettings], field: str) -> str:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Annotated
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
+from envoymesh.cli import CommaList, NetworkList
 from envoymesh.heartbeat import HEARTBEAT_INTERVAL, TTL_HEARTBEATS, WARMUP_HEARTBEATS
 from sds.model import IpFamily, Source
-
-CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -91,7 +87,7 @@ class Settings(BaseSettings):
     tls_check_interval: float = Field(
         10.0, gt=0, description="seconds between checks of the TLS files for a change on disk"
     )
-    trusted_proxies: CommaList = Field(
+    trusted_proxies: NetworkList = Field(
         default_factory=list,
         description="networks (CIDR) of proxies whose X-Forwarded-For auto_ip trusts",
     )
@@ -146,33 +142,6 @@ class Settings(BaseSettings):
         if self.registration_warmup is not None:
             return self.registration_warmup
         return WARMUP_HEARTBEATS * self.heartbeat_interval
-
-    @field_validator("source", "namespace", "trusted_proxies", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list):
-            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
-        return value
-
-    @model_validator(mode="after")
-    def _tls_files(self) -> Settings:
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("--tls-cert-file and --tls-key-file go together")
-        if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-        return self
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for network in value:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"{network!r} is not a network such as 10.0.0.0/8") from None
-        return value
 
     @field_validator("source")
     @classmethod

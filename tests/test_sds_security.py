@@ -458,7 +458,7 @@ async def test_auto_ip_misuse_is_400(sds: RunningSds, fields: dict[str, Any], me
 
 
 async def test_trusted_proxies_must_be_networks(sds_process: Callable[..., Any]) -> None:
-    with pytest.raises(RuntimeError, match="not a network"):
+    with pytest.raises(RuntimeError, match="not an IP address or CIDR block"):
         await sds_process("--trusted-proxies", "10.0.0.0/8,proxy.example")
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Annotated
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
+from envoymesh.cli import NetworkList
 from envoymesh.heartbeat import HEARTBEAT_INTERVAL
-
-CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -50,7 +46,7 @@ class Settings(BaseSettings):
     login_tracked: int = Field(
         10_000, ge=1, description="(username, client) pairs the failure limiter remembers"
     )
-    trusted_proxies: CommaList = Field(
+    trusted_proxies: NetworkList = Field(
         default_factory=list,
         description="addresses/CIDRs whose X-Forwarded-For names the client (comma-separated)",
     )
@@ -77,22 +73,3 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(False, description="log one line per request")
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
-        return value
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
-        return value
