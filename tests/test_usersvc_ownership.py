@@ -12,9 +12,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from argon2 import PasswordHasher
 
 from tests.conftest import ADMIN_TOKEN
 from tests.test_usersvc_api import ADMIN_AUTH, ALICE, ALICE_AUTH, basic
+from usersvc.db import Database
+from usersvc.passwords import needs_rehash
+from usersvc.store import UserStore
 
 CHALLENGE = 'Basic realm="usersvc"'
 NEW = {"fullname": "Mallory", "password": "taken-over"}
@@ -176,5 +180,46 @@ async def test_concurrent_password_change_and_delete_never_lose_the_change(
     )
     assert (put.status_code, delete.status_code) in {(201, 200), (200, 401)}
     assert (await usersvc.get("/user/alice")).json()["fullname"] == "Alice L."
+    login = await usersvc.post("/user/alice/login", json={"password": "looking-glass"})
+    assert login.status_code == 200
+
+
+WEAK = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1)
+
+
+async def test_login_upgrades_a_weak_hash_and_the_password_still_works(
+    usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    await usersvc.put("/user/alice", json=ALICE)
+    weak = WEAK.hash(ALICE["password"])
+    await db_conn.execute("UPDATE users SET password_hash = $1 WHERE username = 'alice'", weak)
+    login = await usersvc.post("/user/alice/login", json={"password": ALICE["password"]})
+    assert login.status_code == 200
+    upgraded = await db_conn.fetchval("SELECT password_hash FROM users WHERE username = 'alice'")
+    assert upgraded != weak
+    assert not needs_rehash(upgraded)
+    again = await usersvc.post("/user/alice/login", json={"password": ALICE["password"]})
+    assert again.status_code == 200
+
+
+async def test_a_rehash_never_overwrites_a_password_set_meanwhile(
+    postgres_url: str, usersvc: httpx.AsyncClient, db_conn: asyncpg.Connection
+) -> None:
+    # The login read the weak hash; a PUT then set a new password; the upgrade must not land.
+    await usersvc.put("/user/alice", json=ALICE)
+    weak = WEAK.hash(ALICE["password"])
+    await db_conn.execute("UPDATE users SET password_hash = $1 WHERE username = 'alice'", weak)
+    changed = {"fullname": "Alice", "password": "looking-glass"}
+    admin_put = await usersvc.put("/user/alice", json=changed, headers=ADMIN_AUTH)
+    assert admin_put.status_code == 200
+    db = Database(postgres_url, min_size=1, max_size=1, timeout=5)
+    db.start()
+    try:
+        assert await db.wait_connected(timeout=10)
+        store = UserStore(db)
+        stale_upgrade = PasswordHasher().hash(ALICE["password"])
+        assert await store.replace_password_hash("alice", weak, stale_upgrade) is False
+    finally:
+        await db.close()
     login = await usersvc.post("/user/alice/login", json={"password": "looking-glass"})
     assert login.status_code == 200
