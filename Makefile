@@ -29,6 +29,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/usersvc.py
+	$(BIN)/python bench/usersvc_flood.py
 	$(BIN)/python bench/sds_v1.py
 	$(BIN)/python bench/kubernetes_load.py
 	$(BIN)/python bench/xds_convergence.py

@@ -55,11 +55,12 @@ async def load(
     async with aiohttp.ClientSession(connector=connector) as session:
         vary = "{n}" in url
         if warmup:
+            # Workers numbered past the measured ones: every {n} stays unique across both runs
+            # (a PUT of a name that already exists is an update, which needs credentials).
+            warm_until = time.perf_counter() + warmup
             await asyncio.gather(
                 *(
-                    _worker(
-                        session, url, method, body, time.perf_counter() + warmup, [], [], i, vary
-                    )
+                    _worker(session, url, method, body, warm_until, [], [], concurrency + i, vary)
                     for i in range(concurrency)
                 )
             )

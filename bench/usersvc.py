@@ -31,7 +31,13 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
             "usersvc",
             [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
             log_path=Path(tmp) / "usersvc.log",
-            env={"DATABASE_URL": postgres.url, "USERSVC_LOG_LEVEL": "warning"},
+            # A queue as long as the PUT connections: this measures hashing throughput, not
+            # load shedding (bench/usersvc_flood.py measures that).
+            env={
+                "DATABASE_URL": postgres.url,
+                "USERSVC_LOG_LEVEL": "warning",
+                "USERSVC_HASH_QUEUE": str(put_concurrency),
+            },
         )
         await usersvc.start()
         base = f"http://127.0.0.1:{port}"
@@ -44,7 +50,8 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
             print("usersvc benchmark")
             print(f"machine: {machine()}")
             print(
-                f"setup: 1 usersvc process (uvicorn, 1 worker, pool 10) + PostgreSQL "
+                f"setup: 1 usersvc process (uvicorn, 1 worker, pool 10, default hashing "
+                f"slots, hashing queue {put_concurrency}) + PostgreSQL "
                 f"{postgres.bindir}; load from a separate process (wrk when installed, else "
                 "aiohttp; the tool is named on each row), keep-alive; "
                 f"{duration:.0f} s per run after 1 s warm-up; "
