@@ -162,7 +162,7 @@ async def _up(settings: MeshSettings) -> int:
         print(
             "\nTry:\n"
             f"  curl {mesh.edge_url}/user/health\n"
-            f"  curl -X PUT -H 'Content-Type: application/json'"
+            f"  curl -X PUT -u alice:secret -H 'Content-Type: application/json'"
             f' -d \'{{"fullname": "Alice", "password": "secret"}}\' {mesh.edge_url}/user/alice\n'
             f"  for i in $(seq 12); do curl -s {mesh.edge_url}/user/alice; echo; done\n"
             f"  meshctl scale usersvc 5 --run-dir {settings.run_dir}\n"
