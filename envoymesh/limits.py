@@ -1,7 +1,9 @@
 """An ASGI middleware that refuses request bodies over a size limit with our JSON 413.
 
-The body is read in full (at most ``max_bytes``) before the app is called, so an oversized body
-is refused before any endpoint runs, whether it declares a Content-Length or arrives chunked.
+The body is read in full (at most ``max_bytes``, within ``read_timeout`` seconds when one is
+given) before the app is called, so an oversized body is refused (413) before any endpoint runs,
+whether it declares a Content-Length or arrives chunked, and one that does not arrive in time is
+answered 408.
 Starlette's own limit answers in plain text; our services answer every error in JSON.
 """
 
@@ -31,26 +33,28 @@ class BodySizeLimit:
     """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, extra_fields: Callable[[], dict[str, Any]]
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        extra_fields: Callable[[], dict[str, Any]],
+        read_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.extra_fields = extra_fields
+        self.read_timeout = read_timeout
 
     async def _refuse(self, receive: Receive, send: Send, more_body: bool) -> None:
         if more_body:
             await _drain(receive)
-        body = json.dumps(
-            {
-                "ok": False,
-                "error": f"request body larger than {self.max_bytes} bytes",
-                **self.extra_fields(),
-            }
-        ).encode()
+        await self._error(send, 413, f"request body larger than {self.max_bytes} bytes")
+
+    async def _error(self, send: Send, status: int, message: str) -> None:
+        body = json.dumps({"ok": False, "error": message, **self.extra_fields()}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -71,19 +75,25 @@ class BodySizeLimit:
 
         chunks: list[bytes] = []
         received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before its body was complete: nobody to answer
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            more = bool(message.get("more_body", False))
-            if received > self.max_bytes:
-                await self._refuse(receive, send, more_body=more)
-                return
-            chunks.append(chunk)
-            if not more:
-                break
+        try:
+            # A body trickled in byte by byte must not hold a connection for ever.
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left before its body was complete: nobody to answer
+                    chunk = message.get("body", b"")
+                    received += len(chunk)
+                    more = bool(message.get("more_body", False))
+                    if received > self.max_bytes:
+                        await self._refuse(receive, send, more_body=more)
+                        return
+                    chunks.append(chunk)
+                    if not more:
+                        break
+        except TimeoutError:
+            await self._error(send, 408, f"request body not received within {self.read_timeout} s")
+            return
 
         replayed = False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import socket
 from collections.abc import Callable
@@ -326,6 +327,28 @@ async def test_large_declared_body_gets_a_readable_413_not_a_reset(
     response = await usersvc.put("/user/alice", content=b" " * (512 * 1024), headers=JSON)
     assert response.status_code == 413
     assert response.json()["ok"] is False
+
+
+async def test_a_body_that_never_completes_is_408_and_the_endpoint_never_runs(
+    start_usersvc: Callable[..., Any],
+) -> None:
+    client: httpx.AsyncClient = await start_usersvc(body_timeout=0.5)
+    host, port = client.base_url.host, client.base_url.port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            b"PUT /user/alice HTTP/1.1\r\nhost: usersvc\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"fullname": "A'
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(answer)["ok"] is False
+    assert (await client.get("/user/alice")).status_code == 404
 
 
 @pytest.mark.parametrize(

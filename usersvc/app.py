@@ -141,6 +141,7 @@ ERRORS: Responses = {
     400: _error_answer("Malformed JSON, or a body that is not UTF-8"),
     404: _error_answer("No such user, or no such path"),
     405: _error_answer("Method not allowed"),
+    408: _error_answer("The request body did not arrive in time (30 s by default)"),
     413: _error_answer("Body larger than the limit (64 KiB by default)"),
     422: _error_answer("Wrong, missing or unstorable fields (NUL, lone surrogates)"),
 }
@@ -462,7 +463,12 @@ def create_app(settings: Settings) -> FastAPI:
             await store.replace_password_hash(username, stored, upgraded)
         return reply(200, ok=True)
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, extra_fields=stamp)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        extra_fields=stamp,
+        read_timeout=settings.body_timeout,
+    )
     if settings.trusted_proxies:
         # X-Forwarded-For, read from the right, names the client only past these proxies.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)

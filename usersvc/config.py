@@ -27,6 +27,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="seconds to wait for a connection or a query before answering 503"
     )
     max_body_bytes: int = Field(64 * 1024, ge=1, description="largest request body accepted")
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request body may take to arrive before 408"
+    )
     hash_concurrency: int = Field(
         0,
         ge=0,
