@@ -60,9 +60,26 @@ REPLICA_PORT_FIELDS = ("usersvc_port", "sidecar_port", "admin_base")
 
 def free_mesh_ports(max_replicas: int = 20) -> dict[str, int]:
     """Ports for one more mesh on this machine (tests, benchmarks): free right now, and room
-    for ``max_replicas`` replicas in each per-replica block."""
-    ports = {name: free_port() for name in PORT_FIELDS}
-    ports.update({name: free_port_block(max_replicas + 1) for name in REPLICA_PORT_FIELDS})
+    for ``max_replicas`` replicas in each per-replica block.
+
+    Nothing listens on any of them yet, so each is also kept out of the others' blocks: a
+    control port inside the admin block would meet a replica's Envoy there.
+    """
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for name in REPLICA_PORT_FIELDS:
+        block: set[int] = set()
+        while not block or block & taken:
+            base = free_port_block(max_replicas + 1)
+            block = set(range(base, base + max_replicas + 1))
+        taken |= block
+        ports[name] = base
+    for name in PORT_FIELDS:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        ports[name] = port
     return ports
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from envoymesh.cli import CommaList, NetworkList
@@ -142,6 +142,14 @@ class Settings(BaseSettings):
         if self.registration_warmup is not None:
             return self.registration_warmup
         return WARMUP_HEARTBEATS * self.heartbeat_interval
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return self
 
     @field_validator("source")
     @classmethod

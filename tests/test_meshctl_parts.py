@@ -13,7 +13,7 @@ from envoymesh.envoyconf import TemplateError, placeholders, render
 from envoymesh.ports import free_port, port_is_free
 from meshctl.__main__ import busy_ports
 from meshctl.addresses import replica_address
-from meshctl.mesh import MeshSettings
+from meshctl.mesh import PORT_FIELDS, REPLICA_PORT_FIELDS, MeshSettings, free_mesh_ports
 from meshctl.proxy_status import format_proxies
 
 
@@ -160,3 +160,11 @@ def test_meshctl_refuses_only_ports_that_something_listens_on(tmp_path: Path) ->
             sds_grpc_port=free_port(),
         )
         assert busy_ports(settings) == [listening]
+
+
+def test_ports_for_a_test_mesh_never_overlap() -> None:
+    for _ in range(50):
+        ports = free_mesh_ports(max_replicas=20)
+        used = [p for name in REPLICA_PORT_FIELDS for p in range(ports[name], ports[name] + 21)]
+        used += [ports[name] for name in PORT_FIELDS]
+        assert len(used) == len(set(used))
