@@ -9,8 +9,14 @@ import platform
 import re
 import shutil
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from envoymesh.ports import free_port
+from envoymesh.procs import ManagedProcess, wait_http
+from meshctl.postgres import LocalPostgres
 
 HERE = Path(__file__).resolve().parent
 
@@ -111,3 +117,28 @@ def row(label: str, stats: dict[str, Any]) -> str:
         f"{label:<44} {stats['rps']:>9.1f} req/s   p50 {stats['p50_ms']:>7} ms   "
         f"p99 {stats['p99_ms']:>7} ms   errors {stats['errors']}   ({stats['tool']})"
     )
+
+
+@asynccontextmanager
+async def usersvc_on_postgres(
+    tmp: Path, env: dict[str, str]
+) -> AsyncIterator[tuple[ManagedProcess, LocalPostgres, str]]:
+    """A private PostgreSQL and one healthy usersvc process on it: (usersvc, PostgreSQL, URL)."""
+    postgres = LocalPostgres(tmp / "pg")
+    await postgres.start()
+    port = free_port()
+    usersvc = ManagedProcess(
+        "usersvc",
+        [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
+        log_path=tmp / "usersvc.log",
+        env={"DATABASE_URL": postgres.url, **env},
+    )
+    await usersvc.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
+        yield usersvc, postgres, base
+    finally:
+        await usersvc.stop()
+        await postgres.stop()
+        postgres.discard()

@@ -16,33 +16,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LOAD_CPUS, SERVER_CPUS, machine, pin, row, run_load
-from envoymesh.ports import free_port
-from envoymesh.procs import ManagedProcess, wait_http
-from meshctl.postgres import LocalPostgres
+from bench.common import LOAD_CPUS, SERVER_CPUS, machine, pin, row, run_load, usersvc_on_postgres
 
 
 async def main(duration: float, get_concurrency: int, put_concurrency: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-usersvc-") as tmp:
-        postgres = LocalPostgres(Path(tmp) / "pg")
-        await postgres.start()
-        port = free_port()
-        usersvc = ManagedProcess(
-            "usersvc",
-            [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
-            log_path=Path(tmp) / "usersvc.log",
-            # A queue as long as the PUT connections: this measures hashing throughput, not
-            # load shedding (bench/usersvc_flood.py measures that).
-            env={
-                "DATABASE_URL": postgres.url,
-                "USERSVC_LOG_LEVEL": "warning",
-                "USERSVC_HASH_QUEUE": str(put_concurrency),
-            },
-        )
-        await usersvc.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
+        # A queue as long as the PUT connections: this measures hashing throughput, not
+        # load shedding (bench/usersvc_flood.py measures that).
+        env = {"USERSVC_LOG_LEVEL": "warning", "USERSVC_HASH_QUEUE": str(put_concurrency)}
+        async with usersvc_on_postgres(Path(tmp), env) as (usersvc, postgres, base):
             async with httpx.AsyncClient(base_url=base) as client:
                 await client.put("/user/alice", json={"fullname": "Alice", "password": "pw"})
             pinned = pin(usersvc.pid, SERVER_CPUS) and pin(postgres.pid, SERVER_CPUS)
@@ -77,10 +59,6 @@ async def main(duration: float, get_concurrency: int, put_concurrency: int) -> N
                 duration=duration,
             )
             print(row(f"PUT /user/<new>  ({put_concurrency} connections, argon2id)", put))
-        finally:
-            await usersvc.stop()
-            await postgres.stop()
-            postgres.discard()
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine
-from envoymesh.ports import free_port
-from envoymesh.procs import ManagedProcess, wait_http
-from meshctl.postgres import LocalPostgres
+from bench.common import machine, usersvc_on_postgres
 
 
 @dataclass
@@ -96,19 +93,7 @@ async def flood(base: str, count: int, prefix: str = "flood", timeout: float = 6
 
 async def main(count: int, env: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
-        postgres = LocalPostgres(Path(tmp) / "pg")
-        await postgres.start()
-        port = free_port()
-        usersvc = ManagedProcess(
-            "usersvc",
-            [sys.executable, "-m", "usersvc", "--host", "127.0.0.1", "--port", str(port)],
-            log_path=Path(tmp) / "usersvc.log",
-            env={"DATABASE_URL": postgres.url, **env},
-        )
-        await usersvc.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            await wait_http(f"{base}/user/health", timeout=30, process=usersvc)
+        async with usersvc_on_postgres(Path(tmp), env) as (usersvc, postgres, base):
             assert usersvc.pid is not None
             before = peak_rss_bytes(usersvc.pid)
             result = await flood(base, count)
@@ -120,16 +105,13 @@ async def main(count: int, env: dict[str, str]) -> None:
                     if '"usersvc started"' in line
                 )
             )
-        finally:
-            await usersvc.stop()
-            await postgres.stop()
-            postgres.discard()
+            bindir = postgres.bindir
     print("usersvc sign-up flood")
     print(f"machine: {machine()}")
     print(
         f"setup: 1 usersvc process (uvicorn, pool 10) with {said['hash_concurrency']} hashing "
         f"slot(s) and {said['hash_queue']} waiting (default: the CPU quota less one, 4 waiting "
-        f"per slot) + PostgreSQL {postgres.bindir}; {count} connections from this process "
+        f"per slot) + PostgreSQL {bindir}; {count} connections from this process "
         "(aiohttp), one PUT /user/<new> each, all released at once"
     )
     print(f"answers: {dict(sorted(result.statuses.items()))}  errors: {dict(result.errors)}")
