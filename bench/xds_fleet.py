@@ -6,15 +6,18 @@ connection. Every stream subscribes to ``svc-(i % services)`` and, in the fleet 
 ``shared``, and ACKs every response at once. Changes go in through sds's registration API,
 as a registering service would make them.
 
-Scenarios (targets from issue 11):
+Scenarios (targets from issue 11; ``--scenarios fleet floor churn``):
 
 1. fleet: 10,000 streams, 100 services: time until every stream got its first response
    (target: within 60 s), sds RSS and KB per stream (target: RSS <= 1 GB).
-2. one service (1 % of the streams subscribe to it) changes: time until its subscribers
-   received the push (each ACKs on receipt; target 200 ms), sds CPU spent (target <= 20 ms,
-   shown next to an idle window of the same length), streams that received anything else
-   (target: none).
+2. one service (1 % of the streams subscribe to it) changes, 20 times: time until its
+   subscribers received the push (each ACKs on receipt; target 200 ms), sds CPU per change
+   (target <= 20 ms; idle windows and a change nobody watches are measured alongside),
+   streams that received anything else (target: none).
 3. the shared service changes: time until all 10,000 received it (target 3 s).
+   The gRPC floor: the same fleet, one-service and shared pushes against
+   bench/xds_grpc_floor.py, a grpc.aio server that does nothing but write and read, to show
+   how much of sds's cost per push is gRPC's own.
 4. churn: 1,000 streams on 1,000 services, 100 changes/s for 60 s spread over the services:
    per change, the time until its subscriber received it (target p99 <= 100 ms), and sds
    CPU (target: below one core).
@@ -34,8 +37,9 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from signal import SIGUSR1, SIGUSR2
 from typing import Any
 
 import httpx
@@ -47,6 +51,8 @@ from envoymesh.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 PER_PROCESS = 2_000
+ROUNDS = 20  # one-service changes measured (CPU is summed over them)
+WINDOW = 0.3  # seconds of sds CPU counted per change
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -151,14 +157,16 @@ class Fleet:
             procs.append(proc)
         return cls(procs)
 
-    async def ask(self, command: str) -> list[dict[str, Any]]:
-        answers = []
+    async def ask(self, command: str, timeout: float = 60) -> list[dict[str, Any]]:
+        """Send ``command`` to every client process at once, then collect their answers."""
         for proc in self.procs:
             assert proc.stdin is not None
-            assert proc.stdout is not None
             proc.stdin.write(f"{command}\n".encode())
             await proc.stdin.drain()
-            answers.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)))
+        answers = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            answers.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), timeout)))
         return answers
 
     async def served(self) -> tuple[int, dict[str, int]]:
@@ -178,13 +186,13 @@ class Fleet:
             await proc.wait()
 
 
-async def wait_received(fleet: Fleet, expected: int, timeout: float) -> list[dict[str, Any]]:
-    async with asyncio.timeout(timeout):
-        while True:
-            reports = await fleet.ask("report")
-            if sum(r["streams"] for r in reports) >= expected:
-                return reports
-            await asyncio.sleep(0.02)
+async def wait_received(fleet: Fleet, name: str, timeout: float) -> list[dict[str, Any]]:
+    """Reports once every subscriber of ``name`` received a response since the mark.
+
+    The clients answer when that happened: polling them while they receive would take CPU
+    from the core they share and lengthen what is measured.
+    """
+    return await fleet.ask(f"await {name} {timeout}", timeout + 10)
 
 
 def delays(reports: list[dict[str, Any]], started: float) -> list[float]:
@@ -199,25 +207,93 @@ def line(label: str, values: list[float]) -> str:
     )
 
 
+async def all_served(fleet: Fleet, streams: int) -> tuple[int, dict[str, int], float]:
+    """Wait until every stream got its first response or failed; (served, failed, seconds)."""
+    started = time.monotonic()
+    async with asyncio.timeout(120):
+        while True:
+            served, failed = await fleet.served()
+            if served + sum(failed.values()) >= streams:
+                return served, failed, time.monotonic() - started
+            await asyncio.sleep(0.25)
+
+
+async def cpu_per_change(
+    cpu: Callable[[], float], change: Callable[[int], Awaitable[None]]
+) -> float:
+    """Mean CPU milliseconds of ROUNDS windows of WINDOW seconds, each starting with a change.
+
+    /proc counts CPU in 10 ms ticks, so it is summed over all the rounds.
+    """
+    spent = 0.0
+    for round_ in range(ROUNDS):
+        before, started = cpu(), time.monotonic()
+        await change(round_)
+        await asyncio.sleep(max(0.0, started + WINDOW - time.monotonic()))
+        spent += cpu() - before
+    return spent * 1000 / ROUNDS
+
+
+async def nothing(round_: int) -> None:
+    """No change: the idle windows."""
+
+
+class OneService:
+    """Changes to ``svc-7`` (1 % of the streams subscribe): delays, and what else was sent."""
+
+    def __init__(self, fleet: Fleet, subscribers: int, push: Callable[[int], Awaitable[None]]):
+        self.fleet, self.subscribers, self.push = fleet, subscribers, push
+        self.delays: list[float] = []
+        self.others = 0
+
+    async def change(self, round_: int) -> None:
+        await self.fleet.ask("mark")
+        changed = time.monotonic()
+        await self.push(round_)
+        self.delays.extend(delays(await wait_received(self.fleet, "svc-7", 30), changed))
+        await asyncio.sleep(max(0.0, changed + WINDOW - 0.05 - time.monotonic()))
+        heard = sum(r["streams"] for r in await self.fleet.ask("report"))
+        self.others += heard - self.subscribers
+
+
+async def shared_rounds(
+    fleet: Fleet, streams: int, cpu: Callable[[], float], push: Callable[[int], Awaitable[None]]
+) -> float:
+    """Three changes every stream subscribes to; the slowest round's time until all heard."""
+    slowest = 0.0
+    for round_ in range(3):
+        await fleet.ask("mark")
+        server_cpu, clients_cpu = cpu(), fleet.cpu_seconds()
+        changed = time.monotonic()
+        await push(round_)
+        reports = await wait_received(fleet, "shared", 60)
+        server_cpu = (cpu() - server_cpu) * 1000
+        clients_cpu = (fleet.cpu_seconds() - clients_cpu) * 1000
+        slowest = max(slowest, *delays(reports, changed))
+        print(
+            line(f"  shared service, round {round_ + 1}: all {streams}", delays(reports, changed))
+        )
+        print(
+            f"    CPU until all received: server {server_cpu:.0f} ms, the client processes "
+            f"(sharing CPU {sorted(LOAD_CPUS)}) {clients_cpu:.0f} ms"
+        )
+        await asyncio.sleep(1)
+    return slowest
+
+
 async def fleet_scenarios(streams: int, services: int, debounce: float) -> dict[str, bool]:
     met: dict[str, bool] = {}
+    subscribers = streams // services
     async with running_sds(debounce) as sds:
         for i in range(services):
             await sds.register(f"svc-{i}", i)
         await sds.register("shared", 1_000_000)
         rss_before = sds.rss_mb()
-        started = time.monotonic()
         fleet = await Fleet.start(sds.target, streams, services, "shared")
         try:
-            async with asyncio.timeout(120):
-                while True:
-                    served, failed = await fleet.served()
-                    if served + sum(failed.values()) >= streams:
-                        break
-                    await asyncio.sleep(0.25)
-            elapsed = time.monotonic() - started
+            served, failed, elapsed = await all_served(fleet, streams)
             print(
-                f"fleet: {streams} ADS streams from {len(fleet.procs)} processes: "
+                f"sds: {streams} ADS streams from {len(fleet.procs)} processes: "
                 f"{served} served in {elapsed:.1f} s, failed {failed or 0}"
             )
             met["fleet served within 60 s"] = served == streams and elapsed <= 60
@@ -225,78 +301,96 @@ async def fleet_scenarios(streams: int, services: int, debounce: float) -> dict[
             rss = sds.rss_mb()
             per_stream = (rss - rss_before) * 1024 / streams
             print(
-                f"memory: sds RSS {rss_before:.0f} MB before the streams, {rss:.0f} MB with "
+                f"  memory: sds RSS {rss_before:.0f} MB before the streams, {rss:.0f} MB with "
                 f"{streams} ({per_stream:.1f} KB per stream)"
             )
             met["RSS <= 1 GB"] = rss <= 1024
 
-            # Idle CPU over a window as long as the measured ones, and the CPU of a change
-            # no stream watches (the registration request itself), for comparison.
-            cpu = sds.cpu_seconds()
-            await asyncio.sleep(0.5)
-            idle_ms = (sds.cpu_seconds() - cpu) * 1000
-            unwatched = []
-            for round_ in range(5):
-                cpu = sds.cpu_seconds()
+            # The same windows with no change (idle) and with a change no stream watches (the
+            # registration request and registry alone) tell the push path's own cost apart.
+            async def unwatched(round_: int) -> None:
                 await sds.register("unwatched", 4_000_000 + round_)
-                await asyncio.sleep(0.5)
-                unwatched.append((sds.cpu_seconds() - cpu) * 1000)
-            unwatched_ms = sorted(unwatched)[len(unwatched) // 2]
 
-            subscribers = streams // services
-            results = []
-            for round_ in range(5):
-                await fleet.ask("mark")
-                cpu = sds.cpu_seconds()
-                changed = time.monotonic()
+            async def one_change(round_: int) -> None:
                 await sds.register("svc-7", 2_000_000 + round_)
-                reports = await wait_received(fleet, subscribers, 30)
-                done = time.monotonic()
-                await asyncio.sleep(max(0.0, 0.5 - (done - changed)))
-                spent = (sds.cpu_seconds() - cpu) * 1000
-                others = sum(r["streams"] for r in await fleet.ask("report")) - subscribers
-                results.append((delays(reports, changed), spent, others))
-            one = [d for r in results for d in r[0]]
-            cpu_ms = sorted(r[1] for r in results)[len(results) // 2]
-            others = sum(r[2] for r in results)
-            print(line(f"one service ({subscribers} subscribers), 5 rounds", one))
-            print(
-                f"  sds CPU per change (median of 5, 0.5 s window incl. the HTTP request): "
-                f"{cpu_ms:.0f} ms; the same for a change no stream watches: "
-                f"{unwatched_ms:.0f} ms; idle 0.5 s: {idle_ms:.0f} ms; "
-                f"streams sent anything else: {others}"
-            )
-            met["one service p99 <= 200 ms"] = percentile(one, 0.99) <= 0.2
-            met["one service sds CPU <= 20 ms"] = cpu_ms - unwatched_ms <= 20
-            met["nothing to other streams"] = others == 0
 
-            shared = []
-            for round_ in range(3):
-                await fleet.ask("mark")
-                cpu, clients_cpu = sds.cpu_seconds(), fleet.cpu_seconds()
-                changed = time.monotonic()
+            one = OneService(fleet, subscribers, one_change)
+            idle_ms = await cpu_per_change(sds.cpu_seconds, nothing)
+            unwatched_ms = await cpu_per_change(sds.cpu_seconds, unwatched) - idle_ms
+            total_ms = await cpu_per_change(sds.cpu_seconds, one.change) - idle_ms
+            push_ms = total_ms - unwatched_ms
+            print(line(f"  one service ({subscribers} subscribers), {ROUNDS} rounds", one.delays))
+            print(
+                f"    sds CPU per change (mean of {ROUNDS}, {WINDOW * 1000:.0f} ms windows, idle "
+                f"{idle_ms:.1f} ms per window taken off): {total_ms:.1f} ms in all, of which "
+                f"{unwatched_ms:.1f} ms is the registration request and registry (the same "
+                f"change to a service nobody watches) and {push_ms:.1f} ms the push path "
+                f"({push_ms * 1000 / subscribers:.0f} us per subscriber, push and ACK); "
+                f"streams sent anything else: {one.others}"
+            )
+            met["one service p99 <= 200 ms"] = percentile(one.delays, 0.99) <= 0.2
+            met["one service sds CPU <= 20 ms"] = push_ms <= 20
+            met["nothing to other streams"] = one.others == 0
+
+            async def shared_change(round_: int) -> None:
                 await sds.register("shared", 3_000_000 + round_)
-                reports = await wait_received(fleet, streams, 60)
-                shared_cpu = (sds.cpu_seconds() - cpu) * 1000
-                clients_cpu = (fleet.cpu_seconds() - clients_cpu) * 1000
-                shared.append(max(delays(reports, changed)))
-                print(
-                    line(
-                        f"shared service, round {round_ + 1}: all {streams}",
-                        delays(reports, changed),
-                    )
-                )
-                print(
-                    f"  CPU until all received: sds {shared_cpu:.0f} ms, the client processes "
-                    f"(sharing CPU {sorted(LOAD_CPUS)}) {clients_cpu:.0f} ms"
-                )
-                await asyncio.sleep(1)
-            met["shared: all within 3 s"] = max(shared) <= 3.0
+
+            slowest = await shared_rounds(fleet, streams, sds.cpu_seconds, shared_change)
+            met["shared: all within 3 s"] = slowest <= 3.0
             served, failed = await fleet.served()
-            print(f"after the changes: {served} served, failed {failed or 0}")
+            print(f"  after the changes: {served} served, failed {failed or 0}")
         finally:
             await fleet.stop()
     return met
+
+
+async def grpc_floor(streams: int, services: int) -> None:
+    """The same fleet and pushes against bench/xds_grpc_floor.py: what gRPC alone costs."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "xds_grpc_floor.py"), str(port), stdout=asyncio.subprocess.PIPE
+    )
+    pin(proc.pid, SERVER_CPUS)
+    fleet = None
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+        fleet = await Fleet.start(f"127.0.0.1:{port}", streams, services, "shared")
+        served, failed, elapsed = await all_served(fleet, streams)
+        print(
+            f"gRPC floor (bench/xds_grpc_floor.py: grpc.aio alone, same fleet, same pushes): "
+            f"{served} served in {elapsed:.1f} s, failed {failed or 0}"
+        )
+        await asyncio.sleep(2)
+
+        def cpu() -> float:
+            return cpu_of(proc.pid)
+
+        async def signal_(number: int) -> None:
+            proc.send_signal(number)
+
+        async def one_change(round_: int) -> None:
+            await signal_(SIGUSR1)
+
+        async def shared_change(round_: int) -> None:
+            await signal_(SIGUSR2)
+
+        one = OneService(fleet, streams // services, one_change)
+        idle_ms = await cpu_per_change(cpu, nothing)
+        push_ms = await cpu_per_change(cpu, one.change) - idle_ms
+        print(
+            line(f"  one service ({streams // services} subscribers), {ROUNDS} rounds", one.delays)
+        )
+        print(
+            f"    server CPU per change (mean of {ROUNDS}, idle taken off): {push_ms:.1f} ms "
+            f"({push_ms * 1000 / (streams // services):.0f} us per subscriber, push and ACK)"
+        )
+        await shared_rounds(fleet, streams, cpu, shared_change)
+    finally:
+        if fleet is not None:
+            await fleet.stop()
+        proc.kill()
+        await proc.wait()
 
 
 async def churn(streams: int, rate: float, seconds: float, debounce: float) -> dict[str, bool]:
@@ -361,6 +455,8 @@ async def main(args: argparse.Namespace) -> int:
     met: dict[str, bool] = {}
     if "fleet" in args.scenarios:
         met |= await fleet_scenarios(args.streams, args.services, args.debounce)
+    if "floor" in args.scenarios:
+        await grpc_floor(args.streams, args.services)
     if "churn" in args.scenarios:
         met |= await churn(args.churn_streams, args.churn_rate, args.churn_seconds, args.debounce)
     for name, ok in met.items():
@@ -376,5 +472,5 @@ if __name__ == "__main__":
     parser.add_argument("--churn-rate", type=float, default=100.0)
     parser.add_argument("--churn-seconds", type=float, default=60.0)
     parser.add_argument("--debounce", type=float, default=0.01)
-    parser.add_argument("--scenarios", nargs="+", default=["fleet", "churn"])
+    parser.add_argument("--scenarios", nargs="+", default=["fleet", "floor", "churn"])
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -15,21 +15,34 @@ Commands on stdin, one per line; each is answered by one JSON line on stdout:
 - ``report``: since the last mark: how many streams received anything, the time each first
   did (monotonic clock, shared by every process on Linux), and responses per stream.
 - ``report-all``: since the last mark, every receipt time per stream index.
+- ``await NAME SECONDS``: answer like ``report`` once every stream here that subscribes to NAME
+  received a response since the last mark (or SECONDS passed), so the driver need not poll:
+  polling a fleet busy receiving would take CPU from the clients and skew what it measures.
+
+Each stream is one task that reads a response and writes its ACK on the call (no request
+generator and queue between them), on uvloop where installed, so that one core of clients
+can keep up with the server it measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from envoymesh.loop import event_loop_factory
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 STREAMS_PER_CHANNEL = 100
@@ -45,6 +58,9 @@ class Fleet:
         self.responses = 0
         self.marked: float | None = None
         self.after_mark: dict[int, list[float]] = {}
+        # An ``await`` in progress: the streams still to hear, and who waits for that.
+        self.awaited: set[int] = set()
+        self.all_heard = asyncio.Event()
 
     def names(self, index: int) -> list[str]:
         names = [f"svc-{index % self.args.services}"]
@@ -56,25 +72,35 @@ class Fleet:
         self.responses += 1
         if self.marked is not None:
             self.after_mark.setdefault(index, []).append(time.monotonic())
+            if self.awaited:
+                self.awaited.discard(index)
+                if not self.awaited:
+                    self.all_heard.set()
+
+    async def wait_for(self, name: str, seconds: float) -> None:
+        """Until every stream here subscribed to ``name`` heard something since the mark."""
+        first, count = self.args.first, self.args.count
+        self.awaited = {
+            index
+            for index in range(first, first + count)
+            if name in self.names(index) and index not in self.after_mark
+        }
+        self.all_heard.clear()
+        if self.awaited:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_heard.wait(), seconds)
+        self.awaited = set()
 
     async def sotw(self, channel: grpc.aio.Channel, index: int) -> None:
-        outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
         node = base_pb2.Node(id=f"fleet-{index}", cluster="bench")
         names = self.names(index)
-        outbox.put_nowait(
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await call.write(
             discovery_pb2.DiscoveryRequest(node=node, type_url=EDS, resource_names=names)
         )
-
-        async def requests() -> Any:
-            while True:
-                yield await outbox.get()
-
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
-            requests()
-        )
         first = True
-        async for response in call:
-            outbox.put_nowait(
+        while (response := await call.read()) is not grpc.aio.EOF:
+            await call.write(
                 discovery_pb2.DiscoveryRequest(
                     type_url=EDS,
                     resource_names=names,
@@ -88,24 +114,16 @@ class Fleet:
             self.received(index)
 
     async def delta(self, channel: grpc.aio.Channel, index: int) -> None:
-        outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
         node = base_pb2.Node(id=f"fleet-{index}", cluster="bench")
-        outbox.put_nowait(
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
+        await call.write(
             discovery_pb2.DeltaDiscoveryRequest(
                 node=node, type_url=EDS, resource_names_subscribe=self.names(index)
             )
         )
-
-        async def requests() -> Any:
-            while True:
-                yield await outbox.get()
-
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(
-            requests()
-        )
         first = True
-        async for response in call:
-            outbox.put_nowait(
+        while (response := await call.read()) is not grpc.aio.EOF:
+            await call.write(
                 discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, response_nonce=response.nonce)
             )
             if first:
@@ -123,7 +141,11 @@ class Fleet:
         except Exception as error:  # counted and shown, never hidden
             self.failed[type(error).__name__] += 1
 
-    def answer(self, command: str) -> dict[str, Any]:
+    async def answer(self, line: str) -> dict[str, Any]:
+        command, *arguments = line.split() or ["status"]
+        if command == "await":
+            await self.wait_for(arguments[0], float(arguments[1]))
+            command = "report"
         if command == "mark":
             self.marked = time.monotonic()
             self.after_mark.clear()
@@ -157,7 +179,7 @@ async def main(args: argparse.Namespace) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := await reader.readline():
-        print(json.dumps(fleet.answer(line.decode().strip())), flush=True)
+        print(json.dumps(await fleet.answer(line.decode())), flush=True)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -171,4 +193,5 @@ if __name__ == "__main__":
     parser.add_argument("services", type=int)
     parser.add_argument("--shared", default="")
     parser.add_argument("--delta", action="store_true")
-    asyncio.run(main(parser.parse_args()))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main(parser.parse_args()))

@@ -58,6 +58,7 @@ class Registry:
         self._revision = 0
         self._changed = asyncio.Event()
         self._statuses: dict[str, SourceStatus] = {}
+        self._ready = False  # read on every push: kept, not recomputed
         self._pending_notify = False
 
     # ----- reading -------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Registry:
     @property
     def ready(self) -> bool:
         """True once every source finished its initial sync (and there is a source)."""
-        return bool(self._statuses) and all(s.ready for s in self._statuses.values())
+        return self._ready
 
     def services(self) -> list[str]:
         """Canonical names of every service that has endpoints."""
@@ -162,9 +163,10 @@ class Registry:
         Surfaces hold back empty answers until every source is ready, so a change of
         readiness wakes the waiters like a change of endpoints does.
         """
-        was_ready = self.ready
+        was_ready = self._ready
         self._statuses[source] = SourceStatus(ready=ready, reason=reason, until=until)
-        if self.ready != was_ready:
+        self._ready = all(s.ready for s in self._statuses.values())
+        if self._ready != was_ready:
             self._revision += 1
             self._log.append((self._revision, EVERYTHING))
             self._pending_notify = True

@@ -39,24 +39,24 @@ def test_a_change_to_one_service_keeps_every_other_answer() -> None:
     registry.replace(Source.REGISTRATION, "a", [endpoint("10.0.0.1")])
     registry.replace(Source.REGISTRATION, "b", [endpoint("10.0.0.2")])
     v1, xds = V1Api(registry, "test"), XdsCache(registry)
-    v1_a, xds_a = v1.prepared("a"), xds.answer(EDS_TYPE_URL, [("a", "a")], had=())[0]
-    v1_b, xds_b = v1.prepared("b"), xds.answer(EDS_TYPE_URL, [("b", "b")], had=())[0]
+    v1_a, xds_a = v1.prepared("a"), xds.answer(EDS_TYPE_URL, (("a", "a"),), had=())[0]
+    v1_b, xds_b = v1.prepared("b"), xds.answer(EDS_TYPE_URL, (("b", "b"),), had=())[0]
 
     registry.replace(Source.REGISTRATION, "b", [endpoint("10.0.0.3")])
 
     assert v1.prepared("a") is v1_a
     assert v1.still_valid(v1_a, "a")
-    assert xds.answer(EDS_TYPE_URL, [("a", "a")], had=())[0] is xds_a
+    assert xds.answer(EDS_TYPE_URL, (("a", "a"),), had=())[0] is xds_a
     assert v1.prepared("b") is not v1_b
     assert not v1.still_valid(v1_b, "b")
-    assert xds.answer(EDS_TYPE_URL, [("b", "b")], had=())[0] is not xds_b
+    assert xds.answer(EDS_TYPE_URL, (("b", "b"),), had=())[0] is not xds_b
 
 
 def test_streams_with_the_same_resources_share_one_serialised_answer() -> None:
     registry = Registry()
     registry.replace(Source.REGISTRATION, "a", [endpoint("10.0.0.1")])
     xds = XdsCache(registry)
-    first, _ = xds.answer(EDS_TYPE_URL, [("a", "a"), ("shared", "shared")], had=())
-    again, _ = xds.answer(EDS_TYPE_URL, [("a", "a"), ("shared", "shared")], had=())
+    first, _ = xds.answer(EDS_TYPE_URL, (("a", "a"), ("shared", "shared")), had=())
+    again, _ = xds.answer(EDS_TYPE_URL, (("a", "a"), ("shared", "shared")), had=())
     assert again is first
     assert xds.resource("a") is xds.resource("a")

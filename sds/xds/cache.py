@@ -38,6 +38,9 @@ _WATCH_TIMEOUT = 30.0
 RESOURCE_CACHE_SIZE = 200_000
 ANSWER_CACHE_SIZE = 20_000
 
+# (name, target) of each resource a subscription covers, by name.
+Items = tuple[tuple[str, str], ...]
+
 
 class Watcher(Protocol):
     """Something woken when a name it watches changes (a stream)."""
@@ -63,9 +66,9 @@ class Answer:
     body: bytes
 
     @property
-    def key(self) -> tuple[tuple[str, str], ...]:
-        """What the answer carries: (name, version) of each resource."""
-        return tuple((r.name, r.version) for r in self.resources)
+    def sent(self) -> dict[str, str]:
+        """What the answer carries: the version of each resource, by name."""
+        return {r.name: r.version for r in self.resources}
 
 
 class XdsCache:
@@ -83,6 +86,11 @@ class XdsCache:
             RESOURCE_CACHE_SIZE
         )
         self._answers: Lru[tuple[str, tuple[tuple[str, str], ...]], Answer] = Lru(ANSWER_CACHE_SIZE)
+        # The answers by what they cover, valid at one registry revision: during a fan-out,
+        # every stream with the same subscription finds its answer with one lookup instead
+        # of checking each resource against the registry again.
+        self._by_items: Lru[tuple[str, Items], Answer] = Lru(ANSWER_CACHE_SIZE)
+        self._by_items_revision = -1
         # SotW versions this process has answered with: a client holding one has our state,
         # not an earlier sds's (see had()).
         self._issued: Lru[str, bool] = Lru(ANSWER_CACHE_SIZE)
@@ -202,13 +210,13 @@ class XdsCache:
         self._resources.put((name, target), (snapshot, resource))
         return resource
 
-    def items(self, subscription: Subscription) -> list[tuple[str, str]]:
+    def items(self, subscription: Subscription) -> Items:
         """(name, target) of everything ``subscription`` covers right now, by name."""
         items = {name: subscription.targets.get(name) or name for name in subscription.names}
         if subscription.wildcard:
             for service in self.registry.services():
                 items.setdefault(service, service)
-        return sorted(items.items())
+        return tuple(sorted(items.items()))
 
     def resources(
         self, items: Sequence[tuple[str, str]], had: Container[str]
@@ -228,7 +236,7 @@ class XdsCache:
         sendable = [r for r in resources if r.name not in had]
         return sendable, len(resources) - len(sendable)
 
-    def had(self, type_url: str, items: Sequence[tuple[str, str]], version: str) -> frozenset[str]:
+    def had(self, type_url: str, items: Items, version: str) -> frozenset[str]:
         """What a SotW or REST client showed it has, from the ``version_info`` of its request.
 
         An empty version: nothing (a fresh proxy). A version this sds answered with (our
@@ -243,18 +251,32 @@ class XdsCache:
             return frozenset()
         return frozenset(name for name, _ in items)
 
-    def answer(
-        self, type_url: str, items: Sequence[tuple[str, str]], had: Container[str]
-    ) -> tuple[Answer, int]:
+    def answer(self, type_url: str, items: Items, had: Container[str]) -> tuple[Answer, int]:
         """The shared SotW answer for ``items``, and how many resources it withholds.
 
         A type we do not serve gets an empty answer, so the proxy does not wait for one.
         """
+        registry = self.registry
+        ready = registry.ready  # before that, what a client had decides (see resources())
+        if ready:
+            if registry.revision != self._by_items_revision:
+                self._by_items.clear()
+                self._by_items_revision = registry.revision
+            found = self._by_items.get((type_url, items))
+            if found is not None:
+                return found, 0
         resources, withheld = self.resources(items, had) if type_url == EDS_TYPE_URL else ([], 0)
         key = (type_url, tuple((r.name, r.version) for r in resources))
-        cached = self._answers.get(key)
-        if cached is not None:
-            return cached, withheld
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._serialise(type_url, resources)
+            self._answers.put(key, answer)
+            self._issued.put(answer.version, True)
+        if ready:
+            self._by_items.put((type_url, items), answer)
+        return answer, withheld
+
+    def _serialise(self, type_url: str, resources: list[Resource]) -> Answer:
         version = combined_version(resources)
         body = discovery_pb2.DiscoveryResponse(
             version_info=version,
@@ -262,10 +284,7 @@ class XdsCache:
             type_url=type_url,
             control_plane=self.control_plane,
         ).SerializeToString()
-        answer = Answer(type_url, tuple(resources), version, body)
-        self._answers.put(key, answer)
-        self._issued.put(version, True)
-        return answer, withheld
+        return Answer(type_url, tuple(resources), version, body)
 
     def answer_json(self, answer: Answer) -> bytes:
         """``answer`` as REST-JSON, rendered once per set of resource versions."""

@@ -23,7 +23,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
-from sds.xds.cache import XdsCache
+from sds.xds.cache import Items, XdsCache
 from sds.xds.proxies import ProxyStatus, ProxyTracker, listed
 from sds.xds.resources import EDS_TYPE_URL
 from sds.xds.subscription import DEFAULT_MAX_NAMES, Subscription, SubscriptionError
@@ -57,6 +57,8 @@ class _TypeState:
     # What the proxy showed it had when the stream opened: while sources sync, these names get
     # no new answer (a reconnect after an sds restart keeps its endpoints); others go at once.
     had: frozenset[str] = frozenset()
+    # What the subscription covers (cache.items), kept until a name or a target moves.
+    items: Items | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ class XdsStream:
         self._room = asyncio.Event()
         self._ended = False
         self._idle = False
+        self._writing = False
         self._changed: set[str] | None = set()
         self._changed_at: float | None = None
         self.status: ProxyStatus | None = None
@@ -164,7 +167,11 @@ class XdsStream:
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
             async for request in requests:
-                if self._idle and not self._requests and self.acknowledged(request):
+                if (
+                    (self._idle or self._writing)
+                    and not self._requests
+                    and self.acknowledged(request)
+                ):
                     continue  # an ACK, handled here: one task switch less per push
                 self._requests.append(request)
                 self._wake.set()
@@ -176,6 +183,18 @@ class XdsStream:
         finally:
             self._ended = True
             self._wake.set()
+
+    async def _write(self, message: bytes) -> None:
+        """Send ``message``; what it carries is recorded before, so its ACK may overtake us.
+
+        The write completes on the event loop after the proxy may already have ACKed it; the
+        reader may then take that ACK as it does while the stream is idle.
+        """
+        self._writing = True
+        try:
+            await self._send(message)
+        finally:
+            self._writing = False
 
     def changed(self, names: frozenset[str] | None, changed_at: float) -> None:
         """Called by the cache: ``names`` changed (None: anything may have)."""
@@ -242,6 +261,7 @@ class XdsStream:
             raise XdsProtocolError(str(exc)) from None
         added = subscription.names - before
         subscription.resolve(self._cache.resolve, only=added)
+        state.items = None
         if type_url == EDS_TYPE_URL:
             self._cache.unwatch(self, dropped, wildcard=was_wildcard and not subscription.wildcard)
             self._cache.watch(self, added, wildcard=subscription.wildcard and not was_wildcard)
@@ -252,12 +272,14 @@ class XdsStream:
     def _refresh_targets(self, state: _TypeState, changed: frozenset[str] | None) -> None:
         """Re-resolve the names a change may have moved (``changed`` holds short names too)."""
         subscription = state.subscription
-        if changed is None:
-            subscription.resolve(self._cache.resolve)
-        else:
-            subscription.resolve(
-                self._cache.resolve, only=[n for n in subscription.names if n in changed]
-            )
+        only = None if changed is None else [n for n in subscription.names if n in changed]
+        if subscription.resolve(self._cache.resolve, only=only) or subscription.wildcard:
+            state.items = None  # a wildcard covers whatever services there are now
+
+    def _items(self, state: _TypeState) -> Items:
+        if state.items is None or state.subscription.wildcard:
+            state.items = self._cache.items(state.subscription)
+        return state.items
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -307,7 +329,8 @@ class XdsStream:
     def acknowledged(self, request: Any) -> bool:
         """Record ``request`` if it is a plain ACK of the last response; else False.
 
-        Only called while the stream is idle, so it sees the state ``on_request`` would.
+        Only called while the stream is idle or waiting for a write (whose bookkeeping is
+        done), so it sees the state ``on_request`` would.
         """
         return False
 
@@ -361,8 +384,7 @@ class SotwStream(XdsStream):
         self._subscribe(type_url, state, lambda s: s.replace(names))
         if first:
             # A reconnecting proxy repeats the version it last accepted; a fresh one sends none.
-            items = self._cache.items(state.subscription)
-            state.had = self._cache.had(type_url, items, request.version_info)
+            state.had = self._cache.had(type_url, self._items(state), request.version_info)
         await self._answer(type_url, state, None, force=True)
 
     async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
@@ -376,17 +398,16 @@ class SotwStream(XdsStream):
         self, type_url: str, state: _TypeState, changed_at: float | None, *, force: bool
     ) -> None:
         started = time.perf_counter()
-        items = self._cache.items(state.subscription)
-        answer, withheld = self._cache.answer(type_url, items, state.had)
+        answer, withheld = self._cache.answer(type_url, self._items(state), state.had)
         if self._held_back(len(answer.resources), withheld):
             return
-        sent = dict(answer.key)
-        if not force and state.answered and sent == state.sent:
+        # The answer's version is a hash of every (name, version) it carries.
+        if not force and state.answered and answer.version == state.version:
             return
         nonce = self._next_nonce()
-        await self._send(answer.body + _nonce_field(nonce))
-        state.sent, state.answered = sent, True
+        state.sent, state.answered = answer.sent, True
         self._record_sent(state, nonce, answer.version, changed_at)
+        await self._write(answer.body + _nonce_field(nonce))
         self._meters.push_time.observe(time.perf_counter() - started)
 
 
@@ -443,7 +464,7 @@ class DeltaStream(XdsStream):
         force_empty: bool = False,
     ) -> None:
         started = time.perf_counter()
-        items = self._cache.items(state.subscription) if type_url == EDS_TYPE_URL else []
+        items = self._items(state) if type_url == EDS_TYPE_URL else ()
         covered = {name for name, _ in items}
         removed = sorted(name for name in state.sent if name not in covered)
         for name in removed:
@@ -468,8 +489,8 @@ class DeltaStream(XdsStream):
             removed_resources=removed,
             control_plane=self._cache.control_plane,
         ).SerializeToString()
-        await self._send(header + b"".join(r.delta_chunk for r in changed))
         self._record_sent(state, nonce, version, changed_at)
+        await self._write(header + b"".join(r.delta_chunk for r in changed))
         self._meters.push_time.observe(time.perf_counter() - started)
 
 

@@ -119,11 +119,18 @@ class Subscription:
             self.targets.pop(name, None)
         return dropped
 
-    def resolve(self, resolver: Resolver, only: Iterable[str] | None = None) -> None:
-        """(Re)resolve the targets of the explicit names (all of them, or ``only``)."""
+    def resolve(self, resolver: Resolver, only: Iterable[str] | None = None) -> bool:
+        """(Re)resolve the targets of the explicit names (all of them, or ``only``).
+
+        True when a name got another target than it had.
+        """
+        moved = False
         for name in self.names if only is None else only:
             if name in self.names:
-                self.targets[name] = resolver(name, self.targets.get(name))
+                previous = self.targets.get(name)
+                target = self.targets[name] = resolver(name, previous)
+                moved = moved or target != previous
+        return moved
 
     def listed(self) -> list[str]:
         """The subscription as shown to operators: names, then ``*`` for the wildcard."""
