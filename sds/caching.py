@@ -63,10 +63,6 @@ class Lru(Generic[K, V]):
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        """Forget every entry."""
-        self._entries.clear()
-
     def pop(self, key: K) -> None:
         """Forget ``key`` if present."""
         self._entries.pop(key, None)

@@ -89,7 +89,7 @@ class XdsCache:
         # The answers by what they cover, valid at one registry revision: during a fan-out,
         # every stream with the same subscription finds its answer with one lookup instead
         # of checking each resource against the registry again.
-        self._by_items: Lru[tuple[str, Items], Answer] = Lru(ANSWER_CACHE_SIZE)
+        self._by_items: dict[tuple[str, Items], Answer] = {}
         self._by_items_revision = -1
         # SotW versions this process has answered with: a client holding one has our state,
         # not an earlier sds's (see had()).
@@ -272,8 +272,8 @@ class XdsCache:
             answer = self._serialise(type_url, resources)
             self._answers.put(key, answer)
             self._issued.put(answer.version, True)
-        if ready:
-            self._by_items.put((type_url, items), answer)
+        if ready and len(self._by_items) < ANSWER_CACHE_SIZE:  # emptied by the next change
+            self._by_items[(type_url, items)] = answer
         return answer, withheld
 
     def _serialise(self, type_url: str, resources: list[Resource]) -> Answer:

@@ -121,7 +121,7 @@ class XdsStream:
         self._ended = False
         self._idle = False
         self._writing = False
-        self._changed: set[str] | None = set()
+        self._changed: frozenset[str] | None = frozenset()
         self._changed_at: float | None = None
         self.status: ProxyStatus | None = None
         self.peer = ""
@@ -142,10 +142,8 @@ class XdsStream:
                     await self.on_request(request)
                 elif self._changed_at is not None:
                     changed, changed_at = self._changed, self._changed_at
-                    self._changed, self._changed_at = set(), None
-                    await self.on_change(
-                        None if changed is None else frozenset(changed), changed_at
-                    )
+                    self._changed, self._changed_at = frozenset(), None
+                    await self.on_change(changed, changed_at)
                 elif self._ended:
                     break
                 else:
@@ -200,8 +198,10 @@ class XdsStream:
         """Called by the cache: ``names`` changed (None: anything may have)."""
         if names is None or self._changed is None:
             self._changed = None
+        elif self._changed:
+            self._changed = self._changed | names
         else:
-            self._changed |= names
+            self._changed = names  # the cache's own set, shared by every stream it wakes
         if self._changed_at is None:
             self._changed_at = changed_at
         self._wake.set()
