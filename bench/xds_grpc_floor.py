@@ -54,7 +54,10 @@ async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
             await pushed.wait()
             pushed.clear()
     finally:
+        for name in first.resource_names:
+            subscribers[name].remove(pushed)
         reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def response(names: list[str]) -> bytes:
@@ -71,6 +74,7 @@ def response(names: list[str]) -> bytes:
 
 
 def push(name: str) -> None:
+    """Give every subscriber of ``name`` one more response."""
     for event in subscribers.get(name, []):
         event.set()
 
