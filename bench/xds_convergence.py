@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LOAD_CPUS, SERVER_CPUS, machine
-from bench.xds_fleet import Fleet, all_served, delays, wait_received
+from bench.xds_fleet import Fleet, all_served, delays, percentile, wait_received
 from bench.xds_fleet import running_sds as sds_process
 from envoymesh.envoyconf import render
 from envoymesh.ports import free_port
@@ -51,11 +51,6 @@ def endpoints(generation: int) -> list[Endpoint]:
         Endpoint(f"10.0.0.{i + 1}", 8000 + (generation + i) % 100, Source.REGISTRATION)
         for i in range(3 + generation % 3)
     ]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
 
 
 def _first_after(
