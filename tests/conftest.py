@@ -92,13 +92,14 @@ async def db_conn(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
 def usersvc_settings(database_url: str, **overrides: Any) -> Settings:
     """Settings for a test usersvc; short timeouts so outages show quickly.
 
-    The hashing queue is long enough for the tests' bursts of concurrent requests; the tests
-    of the bound itself set their own.
+    The hashing queue and wait budget are long enough for the tests' bursts of concurrent
+    requests on a busy machine; the tests of the bound itself set their own.
     """
     values: dict[str, Any] = {
         "database_url": database_url,
         "db_timeout": 2.0,
         "hash_queue": 64,
+        "hash_wait": 30.0,
         **overrides,
     }
     return Settings(**values)

@@ -1,4 +1,4 @@
-"""Password hashing is bounded: slots sized from the real CPU quota, a short queue, then 503."""
+"""Password hashing is bounded: slots sized from the real CPU quota, a capped queue, then 503."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ async def test_a_full_hashing_queue_answers_503_with_retry_after_at_once(
     statuses = [r.status_code for r in replies]
     assert set(statuses) == {201, 503}
     for busy in (r for r in replies if r.status_code == 503):
-        assert busy.headers["retry-after"] == "1"
+        assert int(busy.headers["retry-after"]) >= 1
         assert busy.json()["ok"] is False
         assert "busy" in busy.json()["error"]
     assert await db_conn.fetchval("SELECT count(*) FROM users") == statuses.count(201)

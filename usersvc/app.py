@@ -21,30 +21,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from envoymesh.limits import BodySizeLimit
-from usersvc import auth, passwords, ratelimit
+from usersvc import auth, grpc_api, passwords, ratelimit, users
+from usersvc.admission import BUSY_MESSAGE, HashingGate
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
 from usersvc.registration import Registration
 from usersvc.store import User, UserStore
+from usersvc.users import USERNAME_PATTERN, Credentials, Users
 
 log = logging.getLogger("usersvc")
 
-USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Username = Annotated[
     str, Path(pattern=USERNAME_PATTERN, description="1-64 of A-Z a-z 0-9 . _ -, not first . _ -")
 ]
-
-
-def _bad_text(value: str) -> str | None:
-    """Why ``value`` cannot be stored as PostgreSQL text (UTF-8), or None when it can."""
-    if "\x00" in value:
-        return "must not contain NUL (U+0000)"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must not contain lone surrogates (not valid Unicode)"
-    return None
 
 
 class TextBody(BaseModel):
@@ -63,7 +53,7 @@ class TextBody(BaseModel):
                     pending.append((f"{where}{key!s}.", item))
             elif isinstance(value, list):
                 pending.extend((f"{where}{i}.", item) for i, item in enumerate(value))
-            elif isinstance(value, str) and (problem := _bad_text(value)):
+            elif isinstance(value, str) and (problem := users.bad_text(value)):
                 field = where.rstrip(".").encode("ascii", "backslashreplace").decode()[:64]
                 raise PydanticCustomError("bad_text", f"{field or 'body'}: {problem}")
         return data
@@ -73,8 +63,8 @@ class UserIn(TextBody):
     """Body of ``PUT /user/{username}``."""
 
     model_config = ConfigDict(extra="ignore")
-    fullname: StrictStr = Field(max_length=2048)
-    password: StrictStr = Field(min_length=1, max_length=1024)
+    fullname: StrictStr = Field(max_length=users.MAX_FULLNAME)
+    password: StrictStr = Field(min_length=1, max_length=users.MAX_PASSWORD)
 
 
 class LoginIn(TextBody):
@@ -163,10 +153,11 @@ TOO_MANY: Responses = {
     )
 }
 CONFLICT: Responses = {409: _error_answer("The user kept changing meanwhile; try again")}
+# Requests that may wait for a hashing slot per slot, whatever the wait budget allows: waiting
+# costs no argon2 memory, but each waiting request holds its body (64 KiB at most).
+HASH_QUEUE_PER_SLOT = 64
 # Seconds a client should wait after a 503 for an unavailable database.
 DB_RETRY_AFTER = 2
-# A change re-reads the user when its password changed under it; this often, then 409.
-CHANGE_ATTEMPTS = 3
 
 basic_scheme = auth.Basic()
 bearer_scheme = auth.Bearer()
@@ -189,8 +180,11 @@ def create_app(settings: Settings) -> FastAPI:
         settings.login_failures, settings.login_window, settings.login_tracked
     )
     hashing = passwords.Hashing(
-        hash_slots, 4 * hash_slots if settings.hash_queue is None else settings.hash_queue
+        hash_slots,
+        HASH_QUEUE_PER_SLOT * hash_slots if settings.hash_queue is None else settings.hash_queue,
+        settings.hash_wait,
     )
+    rules = Users(store, hashing, failures, settings.admin_token)
     identity = Identity(hostname="", resolvedname="")
 
     def stamp() -> dict[str, Any]:
@@ -209,14 +203,21 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal identity
         identity = await discover()
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = grpc_api.GrpcServer(settings, rules, db, stamp)
+            await grpc_server.start()
         db.start()
         registration = None
         if settings.sds_url:
+            ports = {settings.register_service: settings.register_port or settings.port}
+            if grpc_server is not None and settings.register_grpc_service:
+                # Proxyless gRPC clients dial the replica itself: no sidecar in between.
+                ports[settings.register_grpc_service] = settings.grpc_port
             registration = Registration(
                 settings.sds_url,
-                service=settings.register_service,
+                ports=ports,
                 address=settings.register_address or identity.resolvedname,
-                port=settings.register_port or settings.port,
                 interval=settings.register_interval,
                 token=settings.sds_token,
                 healthy=db.reachable,
@@ -224,6 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
             registration.start()
             app.state.drain = registration.deregister
         await db.wait_connected(timeout=settings.db_timeout)
+        await hashing.calibrate()
         log.info(
             "usersvc started",
             extra={
@@ -231,6 +233,8 @@ def create_app(settings: Settings) -> FastAPI:
                 "database": db.connected,
                 "hash_concurrency": hashing.concurrency,
                 "hash_queue": hashing.queue,
+                "hash_wait": hashing.wait_budget,
+                "hash_seconds": round(hashing.hash_seconds, 4),
             },
         )
         try:
@@ -238,6 +242,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             if registration is not None:
                 await registration.close()
+            if grpc_server is not None:
+                await grpc_server.stop()
             await db.close()
             hashing.close()
             log.info("usersvc stopped")
@@ -254,6 +260,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     # Called on SIGTERM before the server stops accepting: leave the load balancer first.
     app.state.drain = no_drain
+    # What tests look at to see which requests reached the hasher and the database.
+    app.state.hashing = hashing
+    app.state.db = db
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -279,10 +288,19 @@ def create_app(settings: Settings) -> FastAPI:
             response.headers.update(exc.headers)
         return response
 
+    @app.exception_handler(users.UserError)
+    async def on_refused(_: Request, exc: users.UserError) -> JSONResponse:
+        if isinstance(exc, users.Unauthenticated):  # another user's credentials too
+            response = error(401, exc.message)
+            response.headers.update(auth.CHALLENGE)
+            return response
+        statuses = {users.NotFound: 404, users.Conflict: 409, users.InvalidInput: 422}
+        return error(statuses[type(exc)], exc.message)
+
     @app.exception_handler(passwords.HashingBusy)
     async def on_hashing_busy(_: Request, exc: passwords.HashingBusy) -> JSONResponse:
-        response = error(503, "busy: too many password checks at once; retry shortly")
-        response.headers["Retry-After"] = str(passwords.RETRY_AFTER)
+        response = error(503, BUSY_MESSAGE)
+        response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(ratelimit.TooManyFailures)
@@ -331,32 +349,6 @@ def create_app(settings: Settings) -> FastAPI:
         # The client as the trusted proxies name it (ProxyHeadersMiddleware), else the peer.
         return username, request.client.host if request.client else ""
 
-    async def authorize(
-        key: tuple[str, str],
-        stored: str,
-        basic: HTTPBasicCredentials | None,
-        bearer: HTTPAuthorizationCredentials | None,
-    ) -> None:
-        """Return when the caller may change user ``key[0]`` (whose hash is ``stored``).
-
-        Else 401, or 429 after too many failures from this client. The password is checked
-        even when the name in the credentials is another user's, so every wrong answer costs
-        the same argon2 verification as a wrong login.
-        """
-        if auth.is_admin(bearer, settings.admin_token):
-            return
-        if basic is None and bearer is None:
-            raise auth.unauthorized("credentials required to change an existing user")
-        failures.check(key)
-        if basic is None:
-            failures.failed(key)
-            raise auth.unauthorized("invalid credentials")
-        same_user = auth.same_text(basic.username, key[0])
-        if not (await hashing.verify(stored, basic.password) and same_user):
-            failures.failed(key)
-            raise auth.unauthorized("invalid username or password")
-        failures.succeeded(key)
-
     @app.put(
         "/user/{username}",
         response_model=UserReply,
@@ -379,30 +371,11 @@ def create_app(settings: Settings) -> FastAPI:
         basic: BasicCredentials,
         bearer: BearerCredentials,
     ) -> JSONResponse:
-        hashing.admit()
-        new_hash: str | None = None
-        for _ in range(CHANGE_ATTEMPTS):
-            stored = await store.password_hash(username)
-            if stored is not None:
-                await authorize(failure_key(request, username), stored, basic, bearer)
-                if (
-                    basic is not None
-                    and auth.same_text(basic.password, body.password)
-                    and not passwords.needs_rehash(stored)
-                ):
-                    new_hash = stored  # the password just proven stays: no new hash to make
-            new_hash = new_hash or await hashing.hash(body.password)
-            if stored is None:
-                user = await store.create(username, body.fullname, new_hash)
-                if user is not None:
-                    log.info("user created", extra={"username": username})
-                    return user_reply(201, user)
-            else:
-                user = await store.update(username, body.fullname, new_hash, expected_hash=stored)
-                if user is not None:
-                    log.info("user updated", extra={"username": username})
-                    return user_reply(200, user)
-        return error(409, f"user {username} changed meanwhile; try again")
+        _, client = failure_key(request, username)
+        user, created = await rules.put(
+            username, body.fullname, body.password, Credentials(basic, bearer), client
+        )
+        return user_reply(201 if created else 200, user)
 
     @app.get(
         "/user/{username}",
@@ -411,10 +384,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=UNAVAILABLE,
     )
     async def get_user(username: Username) -> JSONResponse:
-        user = await store.get(username)
-        if user is None:
-            return error(404, f"user {username} not found")
-        return user_reply(200, user)
+        return user_reply(200, await rules.get(username))
 
     @app.delete(
         "/user/{username}",
@@ -425,17 +395,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def delete_user(
         request: Request, username: Username, basic: BasicCredentials, bearer: BearerCredentials
     ) -> JSONResponse:
-        if basic is not None:
-            hashing.admit()
-        for _ in range(CHANGE_ATTEMPTS):
-            stored = await store.password_hash(username)
-            if stored is None:
-                return error(404, f"user {username} not found")
-            await authorize(failure_key(request, username), stored, basic, bearer)
-            if await store.delete(username, expected_hash=stored):
-                log.info("user deleted", extra={"username": username})
-                return reply(200, ok=True)
-        return error(409, f"user {username} changed meanwhile; try again")
+        _, client = failure_key(request, username)
+        await rules.delete(username, Credentials(basic, bearer), client)
+        return reply(200, ok=True)
 
     @app.post(
         "/user/{username}/login",
@@ -450,7 +412,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def login(request: Request, username: Username, body: LoginIn) -> JSONResponse:
         key = failure_key(request, username)
         failures.check(key)
-        hashing.admit()
         stored = await store.password_hash(username)
         if not await hashing.verify(stored, body.password):
             failures.failed(key)
@@ -472,4 +433,6 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.trusted_proxies:
         # X-Forwarded-For, read from the right, names the client only past these proxies.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # Outermost, so that a refusal costs no body read and no framework work.
+    app.add_middleware(HashingGate, hashing=hashing, extra_fields=stamp)
     return app

@@ -16,6 +16,10 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(5000, ge=0, le=65535, description="TCP port to listen on")
+    grpc_host: str = Field("", description="address the gRPC API listens on (empty: --host)")
+    grpc_port: int = Field(
+        5001, ge=0, le=65535, description="TCP port of the gRPC API (0: no gRPC API)"
+    )
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/postgres",
         validation_alias="DATABASE_URL",
@@ -35,10 +39,16 @@ class Settings(BaseSettings):
         ge=0,
         description="argon2 hashes at once, 19 MiB each (0: the cgroup's CPU quota less one)",
     )
+    hash_wait: float = Field(
+        2.0,
+        ge=0,
+        description="seconds a request may expect to wait for a hashing slot; longer gets 503",
+    )
     hash_queue: int | None = Field(
         None,
         ge=0,
-        description="requests that may wait for a hashing slot; more get 503 (default: 4 per slot)",
+        description="most requests waiting for a hashing slot, whatever --hash-wait allows "
+        "(default: 64 per slot)",
     )
     login_failures: int = Field(
         10, ge=1, description="failed logins per (username, client) before 429s"
@@ -60,6 +70,10 @@ class Settings(BaseSettings):
     )
     register_port: int = Field(
         0, ge=0, le=65535, description="port Envoy should reach, the sidecar's (default: --port)"
+    )
+    register_grpc_service: str = Field(
+        "usersvc-grpc",
+        description="service name to register the gRPC port under (empty: do not register it)",
     )
     register_interval: float = Field(
         HEARTBEAT_INTERVAL,

@@ -98,6 +98,8 @@ class Database:
         # not down, and must not make the health check wait or fail.
         self._health_conn: asyncpg.Connection[Any] | None = None
         self._health_lock = asyncio.Lock()
+        # Pooled connections handed out so far: shows which requests reached the database.
+        self.checkouts = 0
 
     @property
     def connected(self) -> bool:
@@ -200,6 +202,7 @@ class Database:
         pool = self._pool
         if pool is None:
             raise DatabaseUnavailable("database not connected yet")
+        self.checkouts += 1
         try:
             async with pool.acquire(timeout=self._timeout) as conn:
                 yield conn

@@ -2,9 +2,18 @@
 
 argon2 is deliberately slow and memory-hard (19 MiB per call), so a flood of sign-ups must not
 run one hash per request: that would take as many cores and 19 MiB blocks as there are requests.
-At most ``concurrency`` hashes or verifications run at once, on threads of their own, and at
-most ``queue`` more wait for a turn; any further request is refused at once with
-:class:`HashingBusy` (a 503 with Retry-After) instead of queueing without limit.
+At most ``concurrency`` hashes or verifications run at once, on threads of their own.
+
+Waiting costs no argon2 memory, so requests are admitted by how long they would wait, not by a
+fixed count: a request may queue while its expected wait (its place in the queue times the
+measured hash time, a moving average) is within ``wait_budget`` seconds, and at most ``queue``
+may wait whatever that says, so memory stays bounded. Any further request is refused at once
+with :class:`HashingBusy` (a 503 whose Retry-After is the backlog's expected wait).
+
+A request takes its place with :meth:`Hashing.admit` before it does any work (the ASGI
+gate in :mod:`usersvc.admission` does, before the body is read) and keeps it until it ends:
+its hashes then only wait their turn and are never refused, and the place is given back however
+the request ends. A hash outside any reservation takes one for itself.
 
 Unknown users are checked against a dummy hash so a login answers in the same time whether or
 not the user exists.
@@ -15,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,13 +43,23 @@ T = TypeVar("T")
 _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 _DUMMY_PASSWORD = "not a real password"  # noqa: S105 - hashed once, never matches a login
 
+# Weight of the newest hash time in the moving average: about the last ten hashes count.
+_SMOOTHING = 0.2
+# An admitted request waits at most this many times the budget (and 10 s at least) for its
+# turn: a backstop for a machine suddenly much slower than measured, not the admission rule.
+_WAIT_SLACK = 3.0
+_MIN_WAIT_TIMEOUT = 10.0
 
-# What a refused client is told to wait, in seconds: a full queue drains in well under that.
-RETRY_AFTER = 1
+# The Hashing whose queue the current request holds a place in (set by Hashing.admit).
+_holder: ContextVar[Hashing | None] = ContextVar("hash_reservation", default=None)
 
 
 class HashingBusy(Exception):
-    """Every hashing slot is taken and the queue is full: answer 503 and ask to retry."""
+    """The hashing backlog is over the wait budget or the cap: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"hashing busy; retry after {retry_after} s")
+        self.retry_after = retry_after
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -71,15 +92,22 @@ def _cgroup_quota(root: Path) -> float | None:
 
 
 class Hashing:
-    """Bounded argon2id hashing and verification (see the module docstring)."""
+    """Bounded argon2id hashing and verification, admitted by expected wait (see the module)."""
 
-    def __init__(self, concurrency: int, queue: int, wait_timeout: float = 10.0) -> None:
+    def __init__(
+        self, concurrency: int, queue: int, wait_budget: float, first_estimate: float = 0.05
+    ) -> None:
         self.concurrency = concurrency
         self.queue = queue
-        self._wait_timeout = wait_timeout
+        self.wait_budget = wait_budget
+        self._wait_timeout = max(_MIN_WAIT_TIMEOUT, _WAIT_SLACK * wait_budget)
         self._slots = asyncio.Semaphore(concurrency)
+        self._hash_seconds = first_estimate
+        self._admitted = 0
         self._running = 0
         self._waiting = 0
+        self.completed = 0
+        self.refused = 0
         # Its own threads, as many as slots: argon2's 19 MiB blocks are reused by the same few
         # threads instead of being spread over (and kept by) every thread of the default pool.
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="argon2")
@@ -92,39 +120,79 @@ class Hashing:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for a slot now."""
+        """Hashes and verifications waiting for a slot now."""
         return self._waiting
 
-    def admit(self) -> None:
-        """Raise :class:`HashingBusy` now if a hash could not even queue.
+    @property
+    def admitted(self) -> int:
+        """Requests holding a place now (running, waiting, or between their hashes)."""
+        return self._admitted
 
-        Called first thing by requests that will need a hash, so that under a flood the
-        refusal costs no database round trip.
+    @property
+    def hash_seconds(self) -> float:
+        """The moving average of how long one hash or verification takes, in seconds."""
+        return self._hash_seconds
+
+    def expected_wait(self, ahead: int) -> float:
+        """Seconds a request with ``ahead`` admitted requests before it waits for a slot."""
+        if ahead < self.concurrency:
+            return 0.0
+        return (ahead - self.concurrency + 1) / self.concurrency * self._hash_seconds
+
+    def check(self) -> None:
+        """Raise :class:`HashingBusy` when one more request may not take a place now."""
+        ahead = self._admitted
+        if ahead - self.concurrency >= self.queue or self.expected_wait(ahead) > self.wait_budget:
+            self.refused += 1
+            raise HashingBusy(max(1, math.ceil(self.expected_wait(ahead))))
+
+    def admit(self) -> AbstractContextManager[None]:
+        """A place in the queue for the current request, to hold with ``with``; or raise
+        :class:`HashingBusy` now.
+
+        Hashes the request makes while it holds the place (in the same context) use it.
         """
-        if self._slots.locked() and self._waiting >= self.queue:
-            raise HashingBusy
+        self.check()
+        return self._place()
 
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        self.admit()
+    @contextmanager
+    def _place(self) -> Iterator[None]:
+        self._admitted += 1
+        token = _holder.set(self)
+        try:
+            yield
+        finally:
+            _holder.reset(token)
+            self._admitted -= 1
+
+    async def _run(self, work: Callable[..., T], *args: str) -> T:
+        if _holder.get() is not self:
+            with self.admit():
+                return await self._run(work, *args)
         self._waiting += 1
         try:
             async with asyncio.timeout(self._wait_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise HashingBusy from None
+            raise HashingBusy(max(1, math.ceil(self.expected_wait(self._admitted)))) from None
         finally:
             self._waiting -= 1
         self._running += 1
+        started = time.perf_counter()
         try:
-            yield
+            result = await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)
         finally:
             self._running -= 1
             self._slots.release()
+        self._hash_seconds += _SMOOTHING * (time.perf_counter() - started - self._hash_seconds)
+        self.completed += 1
+        return result
 
-    async def _run(self, work: Callable[..., T], *args: str) -> T:
-        async with self._slot():
-            return await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)
+    async def calibrate(self) -> None:
+        """Make the dummy hash, and take its time as the first estimate of a hash's."""
+        started = time.perf_counter()
+        self._dummy_hash = await self.hash(_DUMMY_PASSWORD)
+        self._hash_seconds = time.perf_counter() - started
 
     async def hash(self, password: str) -> str:
         """A salted argon2id hash of ``password`` (PHC string format)."""
