@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench proto clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/xds_fleet.py
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/faults.py
+
+# The usersvc gRPC code beside usersvc/proto/users.proto is checked in; after changing the
+# .proto, regenerate it (grpcio-tools and mypy-protobuf come with the dev extra).
+proto: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I . \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+		usersvc/proto/users.proto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache run

@@ -98,6 +98,8 @@ def usersvc_settings(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "db_timeout": 2.0,
+        # No gRPC API unless a test asks for one (on a free port): 5001 is one port for all.
+        "grpc_port": 0,
         "hash_queue": 64,
         "hash_wait": 30.0,
         **overrides,
@@ -200,6 +202,7 @@ async def usersvc_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
                 "DATABASE_URL": database_url,
                 "USERSVC_DB_TIMEOUT": "2",
                 "USERSVC_SDS_TOKEN": SDS_WRITE_TOKEN,
+                "USERSVC_GRPC_PORT": "0",
                 **(env or {}),
             },
         )

@@ -39,17 +39,40 @@ class Basic(HTTPBasic):
         )
 
     async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
-        scheme, param = get_authorization_scheme_param(request.headers.get("authorization"))
-        if scheme.lower() != "basic":
-            return None
         try:
-            decoded = b64decode(param, validate=True).decode("utf-8")
-        except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
-            raise unauthorized("malformed Basic credentials") from None
-        username, colon, password = decoded.partition(":")
-        if not colon:
-            raise unauthorized("malformed Basic credentials")
-        return HTTPBasicCredentials(username=username, password=password)
+            return basic_credentials(request.headers.get("authorization"))
+        except MalformedCredentials as exc:
+            raise unauthorized(str(exc)) from None
+
+
+class MalformedCredentials(ValueError):
+    """An ``authorization`` value that says Basic but does not decode to ``name:password``."""
+
+
+def basic_credentials(authorization: str | None) -> HTTPBasicCredentials | None:
+    """The Basic credentials in an ``authorization`` value (HTTP header or gRPC metadata).
+
+    None without one or for another scheme; :class:`MalformedCredentials` when undecodable.
+    """
+    scheme, param = get_authorization_scheme_param(authorization)
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = b64decode(param, validate=True).decode("utf-8")
+    except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        raise MalformedCredentials("malformed Basic credentials") from None
+    username, colon, password = decoded.partition(":")
+    if not colon:
+        raise MalformedCredentials("malformed Basic credentials")
+    return HTTPBasicCredentials(username=username, password=password)
+
+
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """The bearer token in an ``authorization`` value, as :class:`Bearer` reads it; or None."""
+    scheme, param = get_authorization_scheme_param(authorization)
+    if scheme.lower() != "bearer" or not param:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=param)
 
 
 class Bearer(_HTTPBearer):

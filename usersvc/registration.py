@@ -1,5 +1,8 @@
 """Self-registration with sds: announce this replica, heartbeat, deregister on the way out.
 
+A replica registers one address under one or more services, each with its own port (the HTTP
+API as ``usersvc``, the gRPC API as ``usersvc-grpc``); they come and go together.
+
 The replica is registered only while its database answers: it registers once the database
 does, and deregisters when the database stops answering, so the edge sends no requests to a
 replica that could only answer 503; it registers again when the database is back. A failed
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import httpx
 from pydantic import SecretStr
@@ -24,24 +27,23 @@ HEALTH_CHECK_INTERVAL = 1.0
 
 
 class Registration:
-    """Keeps one instance registered with sds until :meth:`deregister`."""
+    """Keeps one instance registered with sds, under each service of ``ports`` (service name to
+    port), until :meth:`deregister`."""
 
     def __init__(
         self,
         sds_url: str,
         *,
-        service: str,
+        ports: Mapping[str, int],
         address: str,
-        port: int,
         interval: float,
         token: SecretStr | None,
         healthy: Callable[[], Awaitable[bool]],
     ) -> None:
         headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self._client = httpx.AsyncClient(base_url=sds_url, headers=headers, timeout=2.0)
-        self._service = service
+        self._ports = dict(ports)
         self._address = address
-        self._port = port
         self._interval = interval
         self._healthy = healthy
         self._registered = False
@@ -70,21 +72,27 @@ class Registration:
                 await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _register(self) -> None:
-        try:
-            response = await self._client.post(
-                f"/v1/registration/{self._service}",
-                json={"ip": self._address, "port": self._port},
-            )
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            log.warning("registration failed", extra={"error": str(exc) or type(exc).__name__})
-            return
-        if not self._registered:
-            log.info(
-                "registered with sds",
-                extra={"service": self._service, "address": self._address, "port": self._port},
-            )
-        self._registered = True
+        registered = True
+        for service, port in self._ports.items():
+            try:
+                response = await self._client.post(
+                    f"/v1/registration/{service}", json={"ip": self._address, "port": port}
+                )
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning(
+                    "registration failed",
+                    extra={"service": service, "error": str(exc) or type(exc).__name__},
+                )
+                registered = False
+                continue
+            if not self._registered:
+                log.info(
+                    "registered with sds",
+                    extra={"service": service, "address": self._address, "port": port},
+                )
+        # Until every service took it, the next try comes soon rather than a heartbeat later.
+        self._registered = registered
 
     async def deregister(self) -> None:
         """Stop heartbeating and remove this instance from sds (best effort).
@@ -104,15 +112,16 @@ class Registration:
             await self._delete()
 
     async def _delete(self) -> None:
-        try:
-            response = await self._client.delete(
-                f"/v1/registration/{self._service}/{self._address}/{self._port}"
-            )
-            if response.status_code not in (200, 404):
-                response.raise_for_status()
-            log.info("deregistered from sds", extra={"service": self._service})
-        except httpx.HTTPError as exc:
-            log.warning("deregistration failed", extra={"error": str(exc)})
+        for service, port in self._ports.items():
+            try:
+                response = await self._client.delete(
+                    f"/v1/registration/{service}/{self._address}/{port}"
+                )
+                if response.status_code not in (200, 404):
+                    response.raise_for_status()
+                log.info("deregistered from sds", extra={"service": service})
+            except httpx.HTTPError as exc:
+                log.warning("deregistration failed", extra={"service": service, "error": str(exc)})
         self._registered = False
 
     async def close(self) -> None:
