@@ -19,7 +19,7 @@ from envoymesh.envoyconf import TEMPLATES, TemplateError, render
 from envoymesh.ports import port_is_free
 from meshctl import control
 from meshctl.demo import run_demo
-from meshctl.mesh import Mesh, MeshSettings
+from meshctl.mesh import REPLICA_PORT_FIELDS, Mesh, MeshSettings
 from meshctl.proxy_status import fetch_proxies, format_proxies
 from meshctl.table import render_table
 
@@ -31,6 +31,7 @@ PORT_FLAGS = (
     ("--sds-http-port", "sds_http_port", 8080),
     ("--sds-grpc-port", "sds_grpc_port", 18000),
     ("--usersvc-port", "usersvc_port", 5000),
+    ("--usersvc-grpc-port", "usersvc_grpc_port", 5100),
     ("--sidecar-port", "sidecar_port", 10000),
     ("--admin-base", "admin_base", 9900),
 )
@@ -100,7 +101,7 @@ def busy_ports(settings: MeshSettings) -> list[int]:
     """The mesh's fixed ports that some server already listens on."""
     busy = []
     for _, field, _ in PORT_FLAGS:
-        if field in ("usersvc_port", "sidecar_port", "admin_base"):
+        if field in REPLICA_PORT_FIELDS:
             continue
         port = int(getattr(settings, field))
         if not port_is_free("127.0.0.1", port):

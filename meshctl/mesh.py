@@ -42,6 +42,8 @@ class MeshSettings:
     sds_http_port: int = 8080
     sds_grpc_port: int = 18000
     usersvc_port: int = 5000
+    # usersvc's gRPC API (registered as usersvc-grpc); like usersvc_port, the first of a block.
+    usersvc_grpc_port: int = 5100
     sidecar_port: int = 10000
     admin_base: int = 9900
     database_url: str = ""
@@ -55,7 +57,7 @@ class MeshSettings:
 
 # The settings that are ports; the per-replica ones are the first of a block of ports.
 PORT_FIELDS = ("edge_port", "edge_admin_port", "control_port", "sds_http_port", "sds_grpc_port")
-REPLICA_PORT_FIELDS = ("usersvc_port", "sidecar_port", "admin_base")
+REPLICA_PORT_FIELDS = ("usersvc_port", "usersvc_grpc_port", "sidecar_port", "admin_base")
 
 
 def free_mesh_ports(max_replicas: int = 20) -> dict[str, int]:
@@ -189,6 +191,10 @@ class Replica:
             "POD_IP": at.address,
             "USERSVC_HOST": at.address,
             "USERSVC_PORT": str(at.usersvc_port),
+            # Offset from its block's start as the HTTP port is from its own.
+            "USERSVC_GRPC_PORT": str(
+                settings.usersvc_grpc_port + at.usersvc_port - settings.usersvc_port
+            ),
             "USERSVC_SDS_URL": mesh.sds_url,
             "USERSVC_SDS_TOKEN": mesh.write_token,
             "USERSVC_REGISTER_PORT": str(at.sidecar_port),

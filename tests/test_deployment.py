@@ -555,11 +555,13 @@ def test_usersvc_listens_where_its_sidecar_forwards(eds: list[dict[str, Any]]) -
     assert address["address"] == "127.0.0.1"
 
 
-def test_usersvc_pods_admit_traffic_only_on_the_sidecar_port(eds: list[dict[str, Any]]) -> None:
+def test_usersvc_pods_admit_traffic_only_on_the_sidecar_and_grpc_ports(
+    eds: list[dict[str, Any]],
+) -> None:
     policy = find(eds, "NetworkPolicy", "usersvc")
     labels = find(eds, "Deployment", "usersvc")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http"}]}]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http"}, {"port": "grpc"}]}]
 
 
 def test_only_usersvc_may_reach_postgres(eds: list[dict[str, Any]]) -> None:
@@ -596,8 +598,18 @@ def test_usersvc_service_leads_to_the_sidecar_port(eds: list[dict[str, Any]]) ->
     service = find(eds, "Service", "usersvc")
     sidecar = yaml.safe_load(configmap(eds, "usersvc-envoy")["data"]["envoy.yaml"])
     listen = sidecar["static_resources"]["listeners"][0]["address"]["socket_address"]
-    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+    assert service["spec"]["ports"][0] == {"name": "http", "port": 80, "targetPort": "http"}
     assert port_named(container(eds, "usersvc", "envoy"), "http") == listen["port_value"]
+
+
+def test_usersvc_service_has_a_grpc_port_leading_to_usersvcs_grpc_api(
+    eds: list[dict[str, Any]],
+) -> None:
+    ports = find(eds, "Service", "usersvc")["spec"]["ports"]
+    assert [p["name"] for p in ports] == ["http", "grpc"]
+    usersvc = container(eds, "usersvc", "usersvc")
+    assert ports[1]["targetPort"] == "grpc"
+    assert port_named(usersvc, "grpc") == int(env_of(usersvc)["USERSVC_GRPC_PORT"]["value"])
 
 
 def test_sds_picks_the_sidecar_port_of_its_own_namespace(eds: list[dict[str, Any]]) -> None:
