@@ -2,8 +2,9 @@
 
 Starts a private PostgreSQL and one usersvc process, opens N connections and sends one
 ``PUT /user/<new name>`` on each at the same moment. Every answer must be 201 or a quick 503
-(hashing saturated, with Retry-After) or 429; none a 500 or a timeout. Prints the answers,
-p50/p99 per status and usersvc's peak RSS (VmHWM). Run: ``.venv/bin/python bench/usersvc_flood.py``.
+(the expected wait for a hash over its budget, with Retry-After) or 429; none a 500 or a
+timeout. Prints the answers, p50/p99 per status and usersvc's peak RSS (VmHWM).
+Run: ``.venv/bin/python bench/usersvc_flood.py``.
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ async def main(count: int, env: dict[str, str]) -> None:
     print(f"machine: {machine()}")
     print(
         f"setup: 1 usersvc process (uvicorn, pool 10) with {said['hash_concurrency']} hashing "
-        f"slot(s) and {said['hash_queue']} waiting (default: the CPU quota less one, 4 waiting "
-        f"per slot) + PostgreSQL {bindir}; {count} connections from this process "
+        f"slot(s), at most {said['hash_queue']} waiting and an expected wait of at most "
+        f"{said['hash_wait']} s (defaults: the CPU quota less one, 64 per slot, 2 s; one hash "
+        f"measured {said['hash_seconds'] * 1000:.0f} ms at start) + PostgreSQL {bindir}; "
+        f"{count} connections from this process "
         "(aiohttp), one PUT /user/<new> each, all released at once"
     )
     print(f"answers: {dict(sorted(result.statuses.items()))}  errors: {dict(result.errors)}")
