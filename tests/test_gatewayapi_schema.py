@@ -563,6 +563,11 @@ def test_with_defaults_refuses_unsupported() -> None:
         with_defaults({"apiVersion": "v1", "kind": "Pod"})
 
 
+def test_with_defaults_refuses_hostile_input() -> None:
+    with pytest.raises(ValueError, match="nested deeper"):
+        with_defaults(_set(service(), "metadata.annotations", _nested(10_000)))
+
+
 def _nested(depth: int) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for _ in range(depth):

@@ -325,8 +325,12 @@ def with_defaults(document: Mapping[str, Any]) -> dict[str, Any]:
     Call it on a document :func:`validate` passed: defaults go where the API server's
     structural defaulting puts them (a property's default when the property is absent or
     ``null`` and its parent object exists, down through arrays of objects), and other
-    ``null`` fields are pruned.
+    ``null`` fields are pruned. A document that is not fit to validate at all (unsupported,
+    too deep, too big, not JSON) raises ``ValueError``.
     """
+    problem = _check_json(document)
+    if problem is not None:
+        raise ValueError(f"{problem.path}: {problem.message}")
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if not _supported(api_version, kind):
         raise ValueError(_unsupported(api_version, kind).message)
