@@ -45,6 +45,17 @@ class Settings(BaseSettings):
         description="seconds a Kubernetes watch may stay silent before it is resumed"
         " (the API server sends a bookmark about once a minute)",
     )
+    config_dir: str = Field(
+        "",
+        description="directory of Gateway API YAML (GatewayClass, Gateway, HTTPRoute, GRPCRoute,"
+        " ReferenceGrant, Service) to serve as Listeners, Routes and Clusters; re-read on change",
+    )
+    registration_namespace: str = Field(
+        "default",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="the namespace registered services belong to, for routes' backendRefs"
+        " (and of config documents that name none)",
+    )
     heartbeat_interval: float = Field(
         HEARTBEAT_INTERVAL,
         gt=0,

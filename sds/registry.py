@@ -12,6 +12,11 @@ what a proxy routes on differs: a heartbeat that only refreshes ``last_check_in`
 Change sets: the registry remembers which service each recent revision changed, so a reader
 that last looked at revision ``r`` asks :meth:`Registry.changes_since` for the names changed
 since, instead of comparing every service.
+
+Gateway API objects (Gateways, routes, ReferenceGrants, Service declarations) live here too,
+under the same revision: each changed object is one entry of the change log, keyed by its
+:class:`~sds.gatewayapi.model.ObjectKey`, and :meth:`Registry.config_changes_since` tells a
+reader which ones moved.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from sds.gatewayapi.model import ConfigObject, GatewayConfig, ObjectKey
 from sds.model import Endpoint, ServiceSnapshot, Source
 
 
@@ -53,7 +59,9 @@ class Registry:
         self._versions: dict[str, int] = {}
         # short name -> the qualified services (name.namespace) it may stand for
         self._aliases: dict[str, set[str]] = {}
-        self._log: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG_SIZE)
+        self._log: deque[tuple[int, str | ObjectKey]] = deque(maxlen=CHANGE_LOG_SIZE)
+        self._config = GatewayConfig()
+        self._config_by_source: dict[str, GatewayConfig] = {}
         self._snapshots: dict[str, ServiceSnapshot] = {}
         self._revision = 0
         self._changed = asyncio.Event()
@@ -112,8 +120,28 @@ class Registry:
                 break
             if name == EVERYTHING:
                 return None
-            names.add(name)
+            if isinstance(name, str):
+                names.add(name)
         return frozenset(names)
+
+    @property
+    def config(self) -> GatewayConfig:
+        """Every Gateway API object the sources delivered, merged."""
+        return self._config
+
+    def config_changes_since(self, revision: int) -> frozenset[ObjectKey] | None:
+        """The Gateway API objects changed after ``revision``; None when any may have."""
+        if revision >= self._revision:
+            return frozenset()
+        if not self._log or self._log[0][0] > revision + 1:
+            return None
+        keys: set[ObjectKey] = set()
+        for number, key in reversed(self._log):
+            if number <= revision:
+                break
+            if isinstance(key, ObjectKey):
+                keys.add(key)
+        return frozenset(keys)
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """The service as it is now; an unknown service is an empty snapshot at version 0."""
@@ -177,6 +205,29 @@ class Registry:
         return dict(self._statuses)
 
     # ----- writing -------------------------------------------------------------------------
+
+    def set_config(self, source: str, config: GatewayConfig) -> set[ObjectKey]:
+        """Make ``config`` everything ``source`` says; the keys that changed.
+
+        Sources merge in the order they first delivered: an object two sources both define
+        is the first one's.
+        """
+        self._config_by_source[source] = config
+        merged: dict[ObjectKey, ConfigObject] = {}
+        for delivered in self._config_by_source.values():
+            for key, obj in delivered.objects.items():
+                merged.setdefault(key, obj)
+        old = self._config.objects
+        changed = {k for k in old.keys() | merged.keys() if old.get(k) != merged.get(k)}
+        if not changed:
+            return changed
+        self._config = GatewayConfig(merged)
+        for key in sorted(changed):
+            self._revision += 1
+            self._log.append((self._revision, key))
+        self._pending_notify = True
+        self._notify()
+        return changed
 
     def replace(self, source: Source, name: str, endpoints: Iterable[Endpoint]) -> bool:
         """Make ``endpoints`` the whole set ``source`` knows for ``name``; True when changed."""

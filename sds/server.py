@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import Coroutine, Generator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -18,12 +19,14 @@ from fastapi import APIRouter
 
 from sds import metrics
 from sds.api.app import create_app
+from sds.api.config import config_router
 from sds.api.registration import registration_router
 from sds.api.v1 import V1Api, V1FastPath
 from sds.api.write_access import TokenFileError, WriteAccess
 from sds.config import Settings
 from sds.model import Source
 from sds.registry import Registry
+from sds.sources.config_dir import ConfigDirSource
 from sds.sources.registration import RegistrationLimits, RegistrationSource
 from sds.tls import ServerTls, TlsError
 from sds.validation import TagLimits
@@ -63,15 +66,27 @@ class SdsServer:
         self._jobs: dict[str, Coroutine[Any, Any, None]] = {}
         self.proxies = ProxyTracker()
         self.xds = XdsCache(
-            self.registry, debounce=settings.xds_debounce, identifier=identifier(settings)
+            self.registry,
+            debounce=settings.xds_debounce,
+            identifier=identifier(settings),
+            registration_namespace=settings.registration_namespace,
         )
+        self.config_source: ConfigDirSource | None = None
+        if settings.config_dir:
+            self.config_source = ConfigDirSource(
+                self.registry,
+                Path(settings.config_dir),
+                default_namespace=settings.registration_namespace,
+            )
+            self._jobs["config-dir"] = self.config_source.run()
         self._make_stream = stream_factory(self.xds, self.proxies, settings.max_subscriptions)
         self._jobs["xds-cache"] = self.xds.run()
         self._jobs["event-loop-lag"] = metrics.measure_event_loop_lag()
         v1 = V1Api(self.registry, settings.env)
         routers: list[APIRouter] = [
             v1.router(),
-            xds_rest_router(self.xds, self.proxies),
+            xds_rest_router(self.xds, self.proxies, settings.max_subscriptions),
+            config_router(self.xds.translator, self.config_source),
         ]
         self.write_access = WriteAccess(
             settings.write_token,
@@ -192,6 +207,7 @@ class SdsServer:
             max_connection_age=self.settings.max_connection_age,
             max_connection_age_grace=self.settings.max_connection_age_grace,
             credentials=self.tls.grpc_credentials() if self.tls is not None else None,
+            max_names=self.settings.max_subscriptions,
         )
         tasks = {asyncio.create_task(job, name=name) for name, job in self._jobs.items()}
         http = asyncio.create_task(self._http.serve(), name="http")

@@ -8,6 +8,13 @@
   reused by every stream (and REST poller) with that set, until one of them changes; each
   stream only appends its nonce. REST-JSON is rendered once per set too.
 
+- **Gateways.** Listeners, RouteConfigurations and Clusters are translated per Gateway
+  (:mod:`sds.translate.translator`) when a change can alter them; the streams of that
+  Gateway's proxies are woken with :meth:`Watcher.config_changed`.
+- **Cluster names** (``namespace/service/port``, the clusters of Gateway routes) are
+  ClusterLoadAssignments of one port of a Service: its registered hosts on that port (in the
+  registration namespace) and its Kubernetes endpoints.
+
 Everything is kept in bounded LRUs under the one rule of :mod:`sds.caching`.
 """
 
@@ -26,8 +33,10 @@ from google.protobuf import json_format
 
 from sds import metrics
 from sds.caching import Lru, still_current
-from sds.model import ServiceSnapshot
+from sds.gatewayapi.model import ObjectKey
+from sds.model import ServiceSnapshot, Source
 from sds.registry import Registry, short_name
+from sds.translate.translator import Translator
 from sds.xds.resources import EDS_TYPE_URL, Resource, build_resource, combined_version
 from sds.xds.subscription import Subscription
 
@@ -50,6 +59,9 @@ class Watcher(Protocol):
 
         ``names`` includes the short name of every qualified name changed.
         """
+
+    def config_changed(self, changed_at: float) -> None:
+        """The Listeners, RouteConfigurations or Clusters of the watcher's Gateway moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +87,19 @@ class XdsCache:
     """Watch index, shared resources and shared answers over one registry."""
 
     def __init__(
-        self, registry: Registry, *, debounce: float = 0.0, identifier: str = "envoymesh-sds"
+        self,
+        registry: Registry,
+        *,
+        debounce: float = 0.0,
+        identifier: str = "envoymesh-sds",
+        registration_namespace: str = "default",
     ) -> None:
         self.registry = registry
+        self.translator = Translator(registry, registration_namespace)
+        self._gateway_watches: dict[ObjectKey, set[Watcher]] = {}
+        self._ports: Lru[str, tuple[ServiceSnapshot, ServiceSnapshot, Resource]] = Lru(
+            RESOURCE_CACHE_SIZE
+        )
         self.debounce = debounce
         self.control_plane = base_pb2.ControlPlane(identifier=identifier)
         self._watches: dict[str, set[Watcher]] = {}
@@ -99,16 +121,35 @@ class XdsCache:
 
     # ----- watches -------------------------------------------------------------------------
 
+    def _watched_as(self, names: Iterable[str]) -> Iterable[str]:
+        """The registry names a watch of ``names`` is kept under (cluster names: theirs)."""
+        for name in names:
+            if "/" in name:
+                yield from self.cluster_services(name)
+            else:
+                yield name
+
     def watch(self, watcher: Watcher, names: Iterable[str], *, wildcard: bool = False) -> None:
         """Wake ``watcher`` when one of ``names`` (or, with ``wildcard``, any name) changes."""
-        for name in names:
+        for name in self._watched_as(names):
             self._watches.setdefault(name, set()).add(watcher)
         if wildcard:
             self._wildcard.add(watcher)
 
+    def watch_gateway(self, watcher: Watcher, gateway: ObjectKey, *, on: bool = True) -> None:
+        """Wake ``watcher`` (or stop) when the resources of ``gateway`` move."""
+        if on:
+            self._gateway_watches.setdefault(gateway, set()).add(watcher)
+            return
+        watchers = self._gateway_watches.get(gateway)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._gateway_watches[gateway]
+
     def unwatch(self, watcher: Watcher, names: Iterable[str], *, wildcard: bool = False) -> None:
         """Stop waking ``watcher`` for ``names`` (and, with ``wildcard``, for everything)."""
-        for name in names:
+        for name in self._watched_as(names):
             watchers = self._watches.get(name)
             if watchers is not None:
                 watchers.discard(watcher)
@@ -148,7 +189,14 @@ class XdsCache:
                 await asyncio.sleep(self.debounce)
             revision = self.registry.revision
             changed = self.registry.changes_since(seen)
+            keys = self.registry.config_changes_since(seen)
             seen = revision
+            if keys is None or keys or changed is None or changed:
+                for gateway in self.translator.refresh(keys, changed):
+                    for watcher in self._gateway_watches.get(gateway, ()):
+                        watcher.config_changed(changed_at)
+            if not changed and changed is not None:
+                continue
             woken = self.watchers(changed)
             if changed is not None:
                 # Watchers re-resolve the plain names among these (see ``watchers``).
@@ -169,7 +217,7 @@ class XdsCache:
         and logged; a new subscriber gets nothing until it is resolved.
         """
         registry = self.registry
-        if "." in name or registry.has(name):
+        if "." in name or "/" in name or registry.has(name):
             return name
         candidates = registry.qualified(name)
         if len(candidates) == 1:
@@ -198,8 +246,38 @@ class XdsCache:
 
     # ----- resources and answers -----------------------------------------------------------
 
+    def cluster_services(self, name: str) -> tuple[str, ...]:
+        """The registry services of a cluster name ``namespace/service/port``."""
+        namespace, _, rest = name.partition("/")
+        service = rest.partition("/")[0]
+        return self.translator.registry_names(namespace, service)
+
+    def _port_resource(self, name: str) -> Resource:
+        """A cluster's assignment: one port of a Service, from every source."""
+        services = self.cluster_services(name)
+        registered = self.registry.snapshot(services[0]) if len(services) > 1 else None
+        kubernetes = self.registry.snapshot(services[-1])
+        empty = ServiceSnapshot(name, 0, ())
+        cached = self._ports.get(name)
+        if (
+            cached is not None
+            and still_current(cached[0], registered or empty)
+            and still_current(cached[1], kubernetes)
+        ):
+            return cached[2]
+        port_text = name.rsplit("/", 1)[-1]
+        port = int(port_text) if port_text.isdigit() else -1
+        endpoints = [e for e in (registered or empty).endpoints if e.port == port]
+        # A Kubernetes source already chose the Service's port for its endpoints.
+        endpoints += [e for e in kubernetes.endpoints if e.source is Source.KUBERNETES]
+        resource = build_resource(name, kubernetes, endpoints)
+        self._ports.put(name, (registered or empty, kubernetes, resource))
+        return resource
+
     def resource(self, name: str, target: str | None = None) -> Resource:
         """The resource ``name`` with the endpoints of ``target`` (default: its resolution)."""
+        if "/" in name:
+            return self._port_resource(name)
         if target is None:
             target = self.resolve(name)
         snapshot = self.registry.snapshot(target)
@@ -251,6 +329,10 @@ class XdsCache:
             return frozenset()
         return frozenset(name for name, _ in items)
 
+    def issued(self, version: str) -> bool:
+        """Whether this process answered with ``version`` (a SotW version of ours)."""
+        return bool(self._issued.get(version))
+
     def answer(self, type_url: str, items: Items, had: Container[str]) -> tuple[Answer, int]:
         """The shared SotW answer for ``items``, and how many resources it withholds.
 
@@ -275,6 +357,16 @@ class XdsCache:
         if ready and len(self._by_items) < ANSWER_CACHE_SIZE:  # emptied by the next change
             self._by_items[(type_url, items)] = answer
         return answer, withheld
+
+    def shared_answer(self, type_url: str, resources: list[Resource]) -> Answer:
+        """The SotW answer carrying exactly ``resources``, serialised once for every stream."""
+        key = (type_url, tuple((r.name, r.version) for r in resources))
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._serialise(type_url, resources)
+            self._answers.put(key, answer)
+            self._issued.put(answer.version, True)
+        return answer
 
     def _serialise(self, type_url: str, resources: list[Resource]) -> Answer:
         version = combined_version(resources)

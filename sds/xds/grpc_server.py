@@ -27,6 +27,7 @@ from sds.xds.stream import (
     XdsResourceExhausted,
     XdsStream,
 )
+from sds.xds.subscription import DEFAULT_MAX_NAMES
 
 log = logging.getLogger("sds.xds")
 
@@ -127,7 +128,7 @@ class StreamGate:
 
 
 class AggregatedDiscovery:
-    """ADS: every type on one stream (we serve ClusterLoadAssignments)."""
+    """ADS: every type on one stream."""
 
     def __init__(self, gate: StreamGate) -> None:
         self._gate = gate
@@ -152,9 +153,10 @@ class AggregatedDiscovery:
 class EndpointDiscovery:
     """EDS on its own service."""
 
-    def __init__(self, gate: StreamGate, cache: XdsCache) -> None:
+    def __init__(self, gate: StreamGate, cache: XdsCache, max_names: int) -> None:
         self._gate = gate
         self._cache = cache
+        self._max_names = max_names
 
     async def FetchEndpoints(  # noqa: N802 - name fixed by the proto
         self,
@@ -163,7 +165,7 @@ class EndpointDiscovery:
     ) -> bytes:
         """One-shot fetch; an empty response (no resources) means "unchanged"."""
         try:
-            answer = fetch(self._cache, request)
+            answer = fetch(self._cache, request, max_names=self._max_names)
         except ApiError as exc:
             code = (
                 grpc.StatusCode.UNAVAILABLE
@@ -195,8 +197,8 @@ class EndpointDiscovery:
         await self._gate.serve(DeltaStream, "eds", request_iterator, context)
 
 
-def _handlers(gate: StreamGate, cache: XdsCache) -> list[grpc.GenericRpcHandler]:
-    ads, eds = AggregatedDiscovery(gate), EndpointDiscovery(gate, cache)
+def _handlers(gate: StreamGate, cache: XdsCache, max_names: int) -> list[grpc.GenericRpcHandler]:
+    ads, eds = AggregatedDiscovery(gate), EndpointDiscovery(gate, cache, max_names)
     sotw_in = discovery_pb2.DiscoveryRequest.FromString
     delta_in = discovery_pb2.DeltaDiscoveryRequest.FromString
 
@@ -236,13 +238,16 @@ async def start_grpc_server(
     max_connection_age: float = 0.0,
     max_connection_age_grace: float = 0.0,
     credentials: grpc.ServerCredentials | None = None,
+    max_names: int = DEFAULT_MAX_NAMES,
 ) -> grpc.aio.Server:
     """Bind and start the xDS gRPC server; stop it with ``await server.stop(grace)``.
 
     With ``credentials`` the port speaks TLS only; without, plaintext.
     """
     server = grpc.aio.server(options=server_options(max_connection_age, max_connection_age_grace))
-    server.add_generic_rpc_handlers(_handlers(StreamGate(make, max_streams_per_peer), cache))
+    server.add_generic_rpc_handlers(
+        _handlers(StreamGate(make, max_streams_per_peer), cache, max_names)
+    )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = (
         server.add_secure_port(address, credentials)

@@ -6,6 +6,7 @@ last acknowledged, and the last error it reported.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 
 from sds import metrics
-from sds.xds.subscription import Subscription
+from sds.xds.subscription import DEFAULT_MAX_NAMES, Subscription
 
 log = logging.getLogger("sds.xds")
 
@@ -57,9 +58,13 @@ class ProxyStatus:
     nacks: int = 0
     connected_since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    # Seconds from the registry change behind the last ACKed push to its ACK.
+    last_convergence: float | None = None
     id: int = field(default_factory=lambda: next(_ids))
     # Per type: what was subscribed and sent (names, versions, nonces); for one node's page.
     detail: Callable[[], dict[str, Any]] | None = None
+    # Per type (cds, eds, lds, rds): SYNCED, STALE or NACKED and the error; for every listing.
+    type_states: Callable[[], dict[str, Any]] | None = None
 
     @property
     def state(self) -> str:
@@ -90,7 +95,10 @@ class ProxyStatus:
             "state": self.state,
             "connected_since": self.connected_since,
             "last_seen": self.last_seen,
+            "last_convergence": self.last_convergence,
         }
+        if self.type_states is not None:
+            shown["type_states"] = self.type_states()
         if detail and self.detail is not None:
             shown["types"] = self.detail()
         return shown
@@ -103,6 +111,35 @@ class ProxyTracker:
         self._streams: dict[int, ProxyStatus] = {}
         self._rest: dict[str, ProxyStatus] = {}
         self._rest_subscriptions: dict[str, Subscription] = {}
+        # Ids of the statuses changed since a watcher (the UI) last took them; None while
+        # nobody watches, so a push costs one attribute check then.
+        self._touched: set[int] | None = None
+        self.touched = asyncio.Event()
+
+    def touch(self, status: ProxyStatus) -> None:
+        """Note that ``status`` changed (connected, sent, ACKed, NACKed, gone): O(1)."""
+        if self._touched is not None:
+            self._touched.add(status.id)
+            self.touched.set()
+
+    def watch(self, on: bool) -> None:
+        """Start (or stop) remembering which statuses :meth:`touch` reports."""
+        self._touched = (self._touched or set()) if on else None
+
+    def take_touched(self) -> set[int]:
+        """The ids touched since the last call (the statuses may be gone since)."""
+        touched = self._touched or set()
+        if self._touched is not None:
+            self._touched = set()
+        self.touched.clear()
+        return touched
+
+    def get(self, status_id: int) -> ProxyStatus | None:
+        """The connected stream or REST poller with this id, if it is still there."""
+        found = self._streams.get(status_id)
+        if found is not None:
+            return found
+        return next((s for s in self._rest.values() if s.id == status_id), None)
 
     def connect(
         self, node: base_pb2.Node, transport: str, service: str, peer: str = ""
@@ -117,6 +154,7 @@ class ProxyTracker:
             peer=peer,
         )
         self._streams[status.id] = status
+        self.touch(status)
         metrics.XDS_STREAMS.labels(transport).inc()
         log.info(
             "proxy connected",
@@ -134,6 +172,7 @@ class ProxyTracker:
     def disconnect(self, status: ProxyStatus) -> None:
         """Forget a stream that ended."""
         if self._streams.pop(status.id, None) is not None:
+            self.touch(status)
             metrics.XDS_STREAMS.labels(status.transport).dec()
             log.info(
                 "proxy disconnected",
@@ -147,10 +186,12 @@ class ProxyTracker:
                 },
             )
 
-    def rest_subscription(self, node: base_pb2.Node) -> Subscription:
+    def rest_subscription(
+        self, node: base_pb2.Node, max_names: int = DEFAULT_MAX_NAMES
+    ) -> Subscription:
         """A copy of the REST poller's subscription (new for a new poller), to update."""
         known = self._rest_subscriptions.get(f"{node.id}\0{node.cluster}")
-        subscription = Subscription()
+        subscription = Subscription(max_names)
         if known is not None:
             subscription.names = set(known.names)
             subscription.wildcard = known.wildcard
@@ -177,12 +218,13 @@ class ProxyTracker:
             )
             self._rest[key] = status
         status.last_seen = time.time()
+        self.touch(status)
         return status
 
     def _forget_idle_rest_clients(self) -> None:
         cutoff = time.time() - REST_CLIENT_EXPIRY
         for key in [k for k, s in self._rest.items() if s.last_seen < cutoff]:
-            del self._rest[key]
+            self.touch(self._rest.pop(key))
             self._rest_subscriptions.pop(key, None)
 
     def all(self) -> list[ProxyStatus]:

@@ -1,4 +1,5 @@
-"""REST-JSON xDS (``POST /v3/discovery:endpoints``) and the proxy status page.
+"""REST-JSON xDS (``POST /v3/discovery:endpoints``, ``:clusters``, ``:listeners``,
+``:routes``) and the proxy status page.
 
 Envoy's REST subscription polls with the version it last accepted; we answer 304 when that is
 still current, so an idle mesh costs one tiny exchange per poll.
@@ -18,38 +19,67 @@ from sds.errors import bad_request
 from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
 from sds.xds.proxies import ProxyTracker, listed
+from sds.xds.resources import CDS_TYPE_URL, EDS_TYPE_URL, LDS_TYPE_URL, RDS_TYPE_URL
+from sds.xds.subscription import DEFAULT_MAX_NAMES
+
+# REST path suffix -> the type it serves (Envoy's REST subscriptions use these paths).
+REST_TYPES = {
+    "endpoints": EDS_TYPE_URL,
+    "clusters": CDS_TYPE_URL,
+    "listeners": LDS_TYPE_URL,
+    "routes": RDS_TYPE_URL,
+}
 
 
-def xds_rest_router(cache: XdsCache, tracker: ProxyTracker) -> APIRouter:
-    """The REST xDS endpoint and ``/debug/proxies``."""
+def xds_rest_router(
+    cache: XdsCache, tracker: ProxyTracker, max_names: int = DEFAULT_MAX_NAMES
+) -> APIRouter:
+    """The REST xDS endpoints (one per type) and ``/debug/proxies``."""
     router = APIRouter()
 
-    @router.post(
-        "/v3/discovery:endpoints",
-        tags=["v3 xDS"],
-        summary="EDS over REST: a DiscoveryRequest in, a DiscoveryResponse out (JSON)",
-        responses={304: {"description": "the request's version_info is current"}, **errors(503)},
-    )
-    async def discovery(request: Request) -> Response:
-        document = validation.json_object(await request.body() or b"{}", "a DiscoveryRequest")
-        try:
-            req = json_format.ParseDict(
-                document, discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
-            )
-        except (json_format.ParseError, RecursionError) as exc:
-            raise bad_request(f"not a DiscoveryRequest: {exc}") from None
-        subscription = tracker.rest_subscription(req.node)
-        answer = fetch(cache, req, subscription)
-        status = tracker.rest_client(req.node, subscription)
-        status.subscribed = listed(subscription.listed())
-        status.last_version_acked = req.version_info
-        if answer is None:
-            status.last_version_sent = req.version_info
-            return Response(status_code=304)
-        status.last_version_sent = answer.version
-        status.responses_sent += 1
-        metrics.XDS_PUSHES.labels("rest").inc()
-        return Response(cache.answer_json(answer), media_type="application/json")
+    def endpoint(path: str, type_url: str) -> None:
+        async def discovery(request: Request) -> Response:
+            document = validation.json_object(await request.body() or b"{}", "a DiscoveryRequest")
+            try:
+                req = json_format.ParseDict(
+                    document, discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
+                )
+            except (json_format.ParseError, RecursionError) as exc:
+                raise bad_request(f"not a DiscoveryRequest: {exc}") from None
+            subscription = tracker.rest_subscription(req.node, max_names)
+            answer = fetch(cache, req, subscription, type_url=type_url, max_names=max_names)
+            status = tracker.rest_client(req.node, subscription)
+            status.subscribed = listed(subscription.listed())
+            status.last_version_acked = req.version_info
+            if answer is None:
+                status.last_version_sent = req.version_info
+                return Response(status_code=304)
+            status.last_version_sent = answer.version
+            status.responses_sent += 1
+            metrics.XDS_PUSHES.labels("rest").inc()
+            return Response(cache.answer_json(answer), media_type="application/json")
+
+        short = type_url.rsplit(".", 1)[-1]
+        router.add_api_route(
+            f"/v3/discovery:{path}",
+            discovery,
+            methods=["POST"],
+            status_code=200,
+            tags=["v3 xDS"],
+            summary=f"{short}s over REST: a DiscoveryRequest in, a DiscoveryResponse out (JSON)",
+            description="Listeners, RouteConfigurations and Clusters are those of the Gateway "
+            "named in the node's metadata (`envoymesh.io/gateway`); a node naming none gets "
+            "none."
+            if type_url != EDS_TYPE_URL
+            else "Endpoints of the named services.",
+            responses={
+                304: {"description": "the request's version_info is current"},
+                **errors(503),
+            },
+        )
+
+    for path, type_url in REST_TYPES.items():
+        endpoint(path, type_url)
 
     @router.get(
         "/debug/proxies",

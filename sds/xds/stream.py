@@ -23,9 +23,20 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
+from sds.gatewayapi.model import ObjectKey
 from sds.xds.cache import Items, XdsCache
+from sds.xds.node import gateway_of
 from sds.xds.proxies import ProxyStatus, ProxyTracker, listed
-from sds.xds.resources import EDS_TYPE_URL
+from sds.xds.resources import (
+    CDS_TYPE_URL,
+    CONFIG_TYPE_URLS,
+    EDS_TYPE_URL,
+    LDS_TYPE_URL,
+    RDS_TYPE_URL,
+    SHORT_TYPE_NAMES,
+    WILDCARD_TYPE_URLS,
+    Resource,
+)
 from sds.xds.subscription import DEFAULT_MAX_NAMES, Subscription, SubscriptionError
 
 log = logging.getLogger("sds.xds")
@@ -34,6 +45,9 @@ log = logging.getLogger("sds.xds")
 _MAX_QUEUED_REQUESTS = 16
 # Delta: nonces whose version is remembered for the ACK (older ones are long superseded).
 _REMEMBERED_NONCES = 64
+# Make before break, in the order Envoy needs them: a cluster before its endpoints, both
+# before a route that sends to it; listeners before their routes.
+_PUSH_ORDER = (CDS_TYPE_URL, EDS_TYPE_URL, LDS_TYPE_URL, RDS_TYPE_URL)
 
 
 class XdsProtocolError(Exception):
@@ -59,6 +73,13 @@ class _TypeState:
     had: frozenset[str] = frozenset()
     # What the subscription covers (cache.items), kept until a name or a target moves.
     items: Items | None = None
+    # Gateway streams: what the proxy acknowledged, and the resources last sent and last
+    # acknowledged (make before break needs to know what the proxy really has).
+    acked: dict[str, str] = field(default_factory=dict)
+    sent_resources: dict[str, Resource] = field(default_factory=dict)
+    acked_resources: dict[str, Resource] = field(default_factory=dict)
+    nack: str = ""
+    nonce_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +144,8 @@ class XdsStream:
         self._writing = False
         self._changed: frozenset[str] | None = frozenset()
         self._changed_at: float | None = None
+        self._config_dirty = False
+        self.gateway: ObjectKey | None = None
         self.status: ProxyStatus | None = None
         self.peer = ""
 
@@ -159,6 +182,8 @@ class XdsStream:
             for type_url, state in self._types.items():
                 if type_url == EDS_TYPE_URL:
                     self._cache.unwatch(self, state.subscription.names, wildcard=True)
+            if self.gateway is not None:
+                self._cache.watch_gateway(self, self.gateway, on=False)
             if self.status is not None:
                 self._tracker.disconnect(self.status)
 
@@ -168,6 +193,7 @@ class XdsStream:
                 if (
                     (self._idle or self._writing)
                     and not self._requests
+                    and self.gateway is None  # a Gateway's ACKs may release held pushes
                     and self.acknowledged(request)
                 ):
                     continue  # an ACK, handled here: one task switch less per push
@@ -206,13 +232,42 @@ class XdsStream:
             self._changed_at = changed_at
         self._wake.set()
 
+    def config_changed(self, changed_at: float) -> None:
+        """Called by the cache: this proxy's Gateway has new resources."""
+        self._config_dirty = True
+        if self._changed_at is None:
+            self._changed_at = changed_at
+        self._wake.set()
+
     # ----- helpers for the two variants ----------------------------------------------------
 
     def _connect(self, node: base_pb2.Node) -> None:
         if self.status is None:
             self.status = self._tracker.connect(node, self.transport, self._service, self.peer)
             self.status.detail = self._detail
+            self.status.type_states = self._type_states
+            self.gateway = gateway_of(node)
+            if self.gateway is not None:
+                self._cache.watch_gateway(self, self.gateway)
         self.status.last_seen = time.time()
+
+    def _type_states(self) -> dict[str, dict[str, Any]]:
+        """Per type: SYNCED, STALE (sent, not yet acknowledged) or NACKED, and the error."""
+        shown = {}
+        for type_url, state in self._types.items():
+            if state.nack:
+                kind = "NACKED"
+            elif state.answered and not state.nonce_pending:
+                kind = "SYNCED"
+            else:
+                kind = "STALE"
+            shown[SHORT_TYPE_NAMES.get(type_url, type_url)] = {
+                "state": kind,
+                "error": state.nack,
+                "version_sent": state.version,
+                "resources": len(state.sent),
+            }
+        return shown
 
     def _detail(self) -> dict[str, Any]:
         return {
@@ -231,6 +286,49 @@ class XdsStream:
             for type_url, state in self._types.items()
         }
 
+    def _config_resources(self, type_url: str, state: _TypeState) -> list[Resource] | None:
+        """What a Gateway proxy may have of one config type now; None to send nothing yet.
+
+        Make before break: a RouteConfiguration goes out only once every cluster it sends to
+        is acknowledged with its endpoints (until then the proxy keeps the version it has);
+        a cluster stays while a route the proxy acknowledged still sends to it. While sources
+        sync, a proxy that showed it had resources gets none of this type (the answer is the
+        whole set, and it would shrink).
+        """
+        if self.gateway is None:
+            return []
+        if state.had and not self._cache.registry.ready:
+            return None
+        desired = self._cache.translator.resources(self.gateway, type_url)
+        subscription = state.subscription
+        chosen = (
+            dict(desired)
+            if subscription.wildcard
+            else {n: r for n, r in desired.items() if n in subscription.names}
+        )
+        if type_url == CDS_TYPE_URL:
+            routes = self._types.get(RDS_TYPE_URL)
+            if routes is not None:
+                for route in routes.acked_resources.values():
+                    for name in route.refs:
+                        if name not in chosen and name in state.sent_resources:
+                            chosen[name] = state.sent_resources[name]
+        elif type_url == RDS_TYPE_URL:
+            clusters, endpoints = self._types.get(CDS_TYPE_URL), self._types.get(EDS_TYPE_URL)
+            ready = (
+                clusters.acked.keys() & endpoints.acked.keys()
+                if clusters is not None and endpoints is not None
+                else set()
+            )
+            for name, resource in list(chosen.items()):
+                if not resource.refs <= ready:
+                    previous = state.acked_resources.get(name)
+                    if previous is not None:
+                        chosen[name] = previous
+                    else:
+                        del chosen[name]
+        return [chosen[name] for name in sorted(chosen)]
+
     def _type_url(self, type_url: str) -> str:
         if self._service == "eds":
             if type_url not in ("", EDS_TYPE_URL):
@@ -243,8 +341,22 @@ class XdsStream:
     def _state(self, type_url: str) -> _TypeState:
         state = self._types.get(type_url)
         if state is None:
-            state = self._types[type_url] = _TypeState(Subscription(self._max_names))
+            subscription = Subscription(
+                self._max_names, legacy_wildcard=type_url in WILDCARD_TYPE_URLS
+            )
+            state = self._types[type_url] = _TypeState(subscription)
         return state
+
+    async def _push_config(self, changed_at: float | None) -> None:
+        """Send every config type that moved, in make-before-break order."""
+        for type_url in _PUSH_ORDER:
+            state = self._types.get(type_url)
+            if state is not None and type_url != EDS_TYPE_URL and state.answered:
+                await self._send_type(type_url, state, changed_at)
+
+    async def _send_type(self, type_url: str, state: _TypeState, changed_at: float | None) -> None:
+        """Send one type if what the proxy should have of it moved."""
+        raise NotImplementedError
 
     def _subscribe(
         self, type_url: str, state: _TypeState, update: Callable[[Subscription], set[str]]
@@ -289,28 +401,43 @@ class XdsStream:
     ) -> None:
         state.nonce = nonce
         state.version = version
+        state.nonce_pending = True
         if changed_at is not None and state.pending_change is None:
             state.pending_change = changed_at
         if self.status is not None:
             self.status.last_nonce_sent = nonce
             self.status.last_version_sent = version
             self.status.responses_sent += 1
+            self._tracker.touch(self.status)
         self._meters.pushes.inc()
 
     def _record_ack(self, state: _TypeState, version: str) -> None:
+        state.nack = ""
+        state.nonce_pending = False
+        if self.gateway is not None:
+            state.acked = dict(state.sent)
+            state.acked_resources = dict(state.sent_resources)
+        latency = None
+        if state.pending_change is not None:
+            latency = time.monotonic() - state.pending_change
+            self._meters.convergence.observe(latency)
+            state.pending_change = None
         if self.status is not None:
             self.status.last_version_acked = version
-        if state.pending_change is not None:
-            self._meters.convergence.observe(time.monotonic() - state.pending_change)
-            state.pending_change = None
+            if latency is not None:
+                self.status.last_convergence = latency
+            self._tracker.touch(self.status)
 
     def _record_nack(self, state: _TypeState, nonce: str, error: str) -> None:
         state.pending_change = None
+        state.nonce_pending = False
+        state.nack = error[:1000] or "rejected"
         metrics.XDS_NACKS.labels(self.transport).inc()
         if self.status is not None:
             self.status.last_nack = error
             self.status.last_nack_nonce = nonce
             self.status.nacks += 1
+            self._tracker.touch(self.status)
         log.warning(
             "proxy rejected a response",
             extra={
@@ -380,32 +507,58 @@ class SotwStream(XdsStream):
             else:
                 self._record_ack(state, request.version_info)
             if state.subscription.same_as(names):
+                if self.gateway is not None and not request.HasField("error_detail"):
+                    await self._push_config(None)  # an ACK may release a held route
                 return
         self._subscribe(type_url, state, lambda s: s.replace(names))
         if first:
             # A reconnecting proxy repeats the version it last accepted; a fresh one sends none.
-            state.had = self._cache.had(type_url, self._items(state), request.version_info)
+            if type_url in CONFIG_TYPE_URLS:
+                issued = self._cache.issued(request.version_info)
+                state.had = frozenset({"*"}) if request.version_info and not issued else frozenset()
+            else:
+                state.had = self._cache.had(type_url, self._items(state), request.version_info)
         await self._answer(type_url, state, None, force=True)
 
     async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
         """Send a fresh state of the world when the subscribed resources changed."""
+        config = self._config_dirty or changed is None
+        self._config_dirty = False
+        if config and self.gateway is not None:
+            state = self._types.get(CDS_TYPE_URL)
+            if state is not None and state.answered:
+                await self._send_type(CDS_TYPE_URL, state, changed_at)
         state = self._types.get(EDS_TYPE_URL)
         if state is not None:
             self._refresh_targets(state, changed)
             await self._answer(EDS_TYPE_URL, state, changed_at, force=False)
+        if config and self.gateway is not None:
+            await self._push_config(changed_at)
+
+    async def _send_type(self, type_url: str, state: _TypeState, changed_at: float | None) -> None:
+        await self._answer(type_url, state, changed_at, force=False)
 
     async def _answer(
         self, type_url: str, state: _TypeState, changed_at: float | None, *, force: bool
     ) -> None:
         started = time.perf_counter()
-        answer, withheld = self._cache.answer(type_url, self._items(state), state.had)
-        if self._held_back(len(answer.resources), withheld):
-            return
+        if type_url in CONFIG_TYPE_URLS:
+            resources = self._config_resources(type_url, state)
+            if resources is None:
+                metrics.XDS_WITHHELD.labels(self.transport).inc()
+                return
+            answer = self._cache.shared_answer(type_url, resources)
+        else:
+            answer, withheld = self._cache.answer(type_url, self._items(state), state.had)
+            if self._held_back(len(answer.resources), withheld):
+                return
         # The answer's version is a hash of every (name, version) it carries.
         if not force and state.answered and answer.version == state.version:
             return
         nonce = self._next_nonce()
         state.sent, state.answered = answer.sent, True
+        if self.gateway is not None:
+            state.sent_resources = {r.name: r for r in answer.resources}
         self._record_sent(state, nonce, answer.version, changed_at)
         await self._write(answer.body + _nonce_field(nonce))
         self._meters.push_time.observe(time.perf_counter() - started)
@@ -424,6 +577,8 @@ class DeltaStream(XdsStream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._versions_by_nonce: dict[str, str] = {}
+        # Gateway streams: what each unacknowledged response left the proxy with.
+        self._state_by_nonce: dict[str, tuple[dict[str, str], dict[str, Resource]]] = {}
 
     async def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         """Apply subscription changes, record ACK/NACK, send what the proxy lacks."""
@@ -436,24 +591,44 @@ class DeltaStream(XdsStream):
             # sources sync it is not replaced by what sds has learned so far.
             state.sent.update(request.initial_resource_versions)
             state.had = frozenset(request.initial_resource_versions)
+        acked = False
         if request.response_nonce:
             version = self._versions_by_nonce.pop(request.response_nonce, None)
+            had = self._state_by_nonce.pop(request.response_nonce, None)
             if request.HasField("error_detail"):
                 self._record_nack(state, request.response_nonce, request.error_detail.message)
             elif version is not None:
                 self._record_ack(state, version)
+                if had is not None:
+                    state.acked, state.acked_resources = had
+                acked = True
         subscribe = list(request.resource_names_subscribe)
         unsubscribe = list(request.resource_names_unsubscribe)
+        if first and type_url in WILDCARD_TYPE_URLS and not subscribe:
+            subscribe = ["*"]  # the legacy wildcard: an empty first request asks for all
         if subscribe or unsubscribe:
             self._subscribe(type_url, state, lambda s: s.change(subscribe, unsubscribe))
         await self._push(type_url, state, None, force_empty=first and type_url != EDS_TYPE_URL)
+        if acked and self.gateway is not None:
+            await self._push_config(None)  # an ACK may release a held route
 
     async def on_change(self, changed: frozenset[str] | None, changed_at: float) -> None:
         """Send the subscribed resources whose version moved, and what is gone."""
+        config = self._config_dirty or changed is None
+        self._config_dirty = False
+        if config and self.gateway is not None:
+            state = self._types.get(CDS_TYPE_URL)
+            if state is not None and state.answered:
+                await self._push(CDS_TYPE_URL, state, changed_at)
         state = self._types.get(EDS_TYPE_URL)
         if state is not None:
             self._refresh_targets(state, changed)
             await self._push(EDS_TYPE_URL, state, changed_at)
+        if config and self.gateway is not None:
+            await self._push_config(changed_at)
+
+    async def _send_type(self, type_url: str, state: _TypeState, changed_at: float | None) -> None:
+        await self._push(type_url, state, changed_at)
 
     async def _push(
         self,
@@ -464,24 +639,40 @@ class DeltaStream(XdsStream):
         force_empty: bool = False,
     ) -> None:
         started = time.perf_counter()
-        items = self._items(state) if type_url == EDS_TYPE_URL else ()
-        covered = {name for name, _ in items}
+        if type_url in CONFIG_TYPE_URLS:
+            chosen = self._config_resources(type_url, state)
+            if chosen is None:
+                metrics.XDS_WITHHELD.labels(self.transport).inc()
+                return
+            resources = chosen
+            covered = {r.name for r in resources}
+        else:
+            items = self._items(state) if type_url == EDS_TYPE_URL else ()
+            covered = {name for name, _ in items}
+            resources, withheld = self._cache.resources(items, state.had)
+            if withheld:
+                metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
         removed = sorted(name for name in state.sent if name not in covered)
         for name in removed:
             del state.sent[name]
-        resources, withheld = self._cache.resources(items, state.had)
-        if withheld:
-            metrics.XDS_WITHHELD.labels(self.transport).inc(withheld)
+            state.sent_resources.pop(name, None)
         changed = [r for r in resources if state.sent.get(r.name) != r.version]
         if not changed and not removed and not force_empty:
             return
         for resource in changed:
             state.sent[resource.name] = resource.version
+            if self.gateway is not None:
+                state.sent_resources[resource.name] = resource
         nonce = self._next_nonce()
-        version = _set_version(state.sent) if type_url == EDS_TYPE_URL else ""
+        state.answered = True
+        version = _set_version(state.sent)
         self._versions_by_nonce[nonce] = version
         if len(self._versions_by_nonce) > _REMEMBERED_NONCES:
             self._versions_by_nonce.pop(next(iter(self._versions_by_nonce)))
+        if self.gateway is not None:
+            self._state_by_nonce[nonce] = (dict(state.sent), dict(state.sent_resources))
+            if len(self._state_by_nonce) > _REMEMBERED_NONCES:
+                self._state_by_nonce.pop(next(iter(self._state_by_nonce)))
         header = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version,
             type_url=type_url,

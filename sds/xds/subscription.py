@@ -4,10 +4,11 @@ The rules, written once:
 
 - ``*`` subscribes to every service (the wildcard). In delta it is subscribed and
   unsubscribed like any name.
-- An empty list of names (SotW, REST, ``FetchEndpoints``) means *no* resources. The xDS
-  protocol's "legacy wildcard" (an empty first request meaning everything) applies only to
-  Listeners and Clusters; for ClusterLoadAssignments an empty list is how a client drops its
-  last subscription, so it cannot also mean "all".
+- An empty list of names (SotW, REST, ``FetchEndpoints``) means *no* resources, except for
+  the xDS protocol's "legacy wildcard": for Listeners and Clusters (``legacy_wildcard``), a
+  client that never named a resource asks for all of them with an empty list. For
+  ClusterLoadAssignments an empty list is how a client drops its last subscription, so it
+  cannot also mean "all".
 - A name is 1 to MAX_NAME_LENGTH printable ASCII characters without spaces; anything else
   ends the stream with INVALID_ARGUMENT (REST: 400).
 - At most ``max_names`` names per type on one stream; more ends that stream with
@@ -57,13 +58,24 @@ class Subscription:
     unwatch them (and a delta stream can tell the client they were removed).
     """
 
-    __slots__ = ("max_names", "names", "targets", "wildcard")
+    __slots__ = ("legacy_wildcard", "max_names", "named", "names", "targets", "wildcard")
 
-    def __init__(self, max_names: int = DEFAULT_MAX_NAMES) -> None:
+    def __init__(
+        self, max_names: int = DEFAULT_MAX_NAMES, *, legacy_wildcard: bool = False
+    ) -> None:
         self.max_names = max_names
+        self.legacy_wildcard = legacy_wildcard
+        self.named = False  # a name was ever asked for: the legacy wildcard no longer applies
         self.wildcard = False
         self.names: set[str] = set()
         self.targets: dict[str, str] = {}
+
+    def _legacy(self, names: Iterable[str]) -> Iterable[str]:
+        """An empty SotW list as the legacy wildcard, where it still applies."""
+        names = list(names)
+        if self.legacy_wildcard and not names and not self.named:
+            return [WILDCARD]
+        return names
 
     @property
     def empty(self) -> bool:
@@ -90,14 +102,15 @@ class Subscription:
 
         Cheap on purpose (every ACK asks): equal to what was accepted means valid too.
         """
-        requested = set(names)
+        requested = set(self._legacy(names))
         if WILDCARD in requested:
             return self.wildcard and requested - {WILDCARD} == self.names
         return not self.wildcard and requested == self.names
 
     def replace(self, names: Iterable[str]) -> set[str]:
         """SotW and REST: ``names`` is the whole subscription (empty means nothing)."""
-        wildcard, explicit = self._checked(names)
+        wildcard, explicit = self._checked(self._legacy(names))
+        self.named = self.named or bool(explicit)
         dropped = self.names - explicit
         self.wildcard, self.names = wildcard, explicit
         for name in dropped:
@@ -108,6 +121,7 @@ class Subscription:
         """Delta: add ``subscribe``, then remove ``unsubscribe``."""
         add_wildcard, added = self._checked(subscribe)
         drop_wildcard, removed = self._checked(unsubscribe)
+        self.named = self.named or bool(added)
         if len(self.names | added) > self.max_names:
             raise SubscriptionError(
                 f"more than {self.max_names} resource names on one stream", exhausted=True
