@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -137,6 +139,9 @@ class Settings(BaseSettings):
         "",
         description="control_plane.identifier sent to proxies "
         "(default: envoymesh-sds/<$POD_NAME, else the hostname>)",
+    )
+    ui: Literal["on", "off"] = Field(
+        "on", description="the read-only live view of the mesh at /ui (on or off)"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
 

@@ -29,6 +29,8 @@ from sds.registry import Registry
 from sds.sources.config_dir import ConfigDirSource
 from sds.sources.registration import RegistrationLimits, RegistrationSource
 from sds.tls import ServerTls, TlsError
+from sds.ui.live import LiveHub
+from sds.ui.router import MAX_CLIENTS, ui_router
 from sds.validation import TagLimits
 from sds.xds.cache import XdsCache
 from sds.xds.grpc_server import start_grpc_server
@@ -94,6 +96,11 @@ class SdsServer:
             allow_anonymous=settings.allow_anonymous_writes,
         )
         self._reload = asyncio.Event()
+        self.ui: LiveHub | None = None
+        if settings.ui == "on":
+            self.ui = LiveHub(self.registry, self.proxies, MAX_CLIENTS)
+            routers.append(ui_router(self.ui))
+            self._jobs["ui"] = self.ui.run()
         if Source.REGISTRATION.value in settings.source:
             registration = RegistrationSource(
                 self.registry,
@@ -239,6 +246,8 @@ class SdsServer:
                     raise SystemExit(1)
         finally:
             stopper.cancel()
+            if self.ui is not None:
+                self.ui.close()  # open event streams would hold uvicorn's shutdown
             self._http.should_exit = True
             await grpc_server.stop(grace=1.0)
             with contextlib.suppress(TimeoutError):

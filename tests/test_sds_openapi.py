@@ -18,6 +18,7 @@ PARAMETERS = {
     "service_repo_name": ["repo", "%ED%A0%80", "r%00"],
     "ip": ["10.0.0.1", "10.0.0.300", "169.254.169.254", "%00"],
     "port": ["80", "0", "http"],
+    "name": ["app.js", "nope.js", "%FF"],
 }
 QUERIES = ["", "?x=%FF"]
 JSON = "application/json"
@@ -79,9 +80,12 @@ async def drive(
     for path, body, headers in requests(method, template):
         # The host the good inputs address is there again for each request.
         await client.post("/v1/registration/usersvc", json=HOST, headers=SDS_AUTH)
-        response = await client.request(
+        request = client.build_request(
             method, path, content=body, headers={**headers, "if-none-match": "*"}
         )
+        # Only the head is read: an event stream's body never ends.
+        response = await client.send(request, stream=True)
+        await response.aclose()
         media = response.headers.get("content-type")
         seen.add((response.status_code, media.split(";")[0].strip() if media else None))
     return seen
