@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import secrets
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from envoymesh.ports import free_port
+from meshctl.mesh import Mesh
 from meshctl.postgres import LocalPostgres
 from tests.conftest import ADMIN_TOKEN, RunningSds
 from usersvc.proto import users_pb2, users_pb2_grpc
@@ -484,3 +486,25 @@ async def test_grpc_port_zero_serves_no_grpc_and_registers_none(
     )
     await wait_endpoints(sds, "usersvc", [("127.0.0.1", int(base.rsplit(":", 1)[1]))])
     assert sds.registry.snapshot("usersvc-grpc").endpoints == ()
+
+
+async def test_each_mesh_replica_serves_and_registers_a_grpc_port_of_its_own(
+    start_mesh: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await start_mesh(2)
+    async with httpx.AsyncClient(base_url=mesh.sds_url, timeout=10) as sds:
+        async with asyncio.timeout(15):
+            while (
+                len(hosts := (await sds.get("/v1/registration/usersvc-grpc")).json()["hosts"]) < 2
+            ):
+                await asyncio.sleep(0.1)
+    targets = {(h["ip_address"], h["port"]) for h in hosts}
+    assert len(targets) == 2
+    for address, port in targets:
+        async with grpc.aio.insecure_channel(f"{address}:{port}") as channel:
+            reply = await users_pb2_grpc.UsersStub(channel).PutUser(
+                users_pb2.PutUserRequest(
+                    username=f"mesh-{secrets.token_hex(8)}", fullname="M", password="pw"
+                )
+            )
+            assert reply.replica.resolvedname == address
