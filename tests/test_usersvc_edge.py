@@ -43,8 +43,12 @@ async def put_many(mesh: Mesh, prefix: str, count: int) -> list[httpx.Response]:
 
 
 async def test_edge_never_retries_a_503_that_usersvc_answered(
-    start_mesh: Callable[..., Any],
+    start_mesh: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # No wait budget: a replica admits only as many sign-ups as it has hashing slots (one on
+    # two CPUs) and refuses the rest, however fast this machine hashes. The replicas inherit
+    # this environment (meshctl adds its own variables to it).
+    monkeypatch.setenv("USERSVC_HASH_WAIT", "0")
     mesh: Mesh = await start_mesh(2)
     before = await edge_counter(mesh, "upstream_rq_retry")
     replies = await put_many(mesh, "busy", 60)
@@ -52,7 +56,7 @@ async def test_edge_never_retries_a_503_that_usersvc_answered(
     assert set(statuses) == {201, 503}, statuses
     for busy in (r for r in replies if r.status_code == 503):
         assert busy.json()["ok"] is False  # usersvc's answer, not the edge's
-        assert busy.headers["retry-after"] == "1"
+        assert int(busy.headers["retry-after"]) >= 1
     assert await edge_counter(mesh, "upstream_rq_retry") == before
     # Shedding load is not failing: both replicas stay in rotation.
     await mesh.wait_edge_hosts(2, timeout=5)
