@@ -275,12 +275,12 @@ function drawTotals() {
   const s = view.totals.services;
   const p = view.totals.proxies;
   if (s) {
-    out.push(el("span", { class: "chip", "data-total": "services" }, el("b", {}, s.services), "services"));
-    out.push(el("span", { class: "chip", "data-total": "endpoints" }, el("b", {}, s.endpoints), "endpoints ",
+    out.push(el("span", { class: "chip", "data-total": "services" }, el("b", {}, s.services), " services"));
+    out.push(el("span", { class: "chip", "data-total": "endpoints" }, el("b", {}, s.endpoints), " endpoints ",
       ...Object.entries(s.health).filter(([, n]) => n).map(([h, n]) => el("span", { class: `badge ${h}` }, `${n} ${h}`))));
   }
   if (p) {
-    out.push(el("span", { class: "chip", "data-total": "proxies" }, el("b", {}, p.proxies), "proxies ",
+    out.push(el("span", { class: "chip", "data-total": "proxies" }, el("b", {}, p.proxies), " proxies ",
       ...Object.entries(p.by_state).filter(([, n]) => n).map(([st, n]) => el("span", { class: `badge ${st}` }, `${n} ${st}`)),
       Object.entries(p.by_transport).map(([t, n]) => `${n} ${t}`).join(" · ")));
   }
@@ -305,10 +305,14 @@ function chart(series, classes) {
   series.forEach((points, k) => {
     let run = [];
     const flush = () => {
-      if (run.length) node.append(svg("polyline", { class: classes[k], points: run.join(" ") }));
+      if (run.length === 1) {
+        node.append(svg("circle", { class: classes[k], cx: run[0][0], cy: run[0][1], r: 2.5 }));
+      } else if (run.length) {
+        node.append(svg("polyline", { class: classes[k], points: run.map((p) => p.join(",")).join(" ") }));
+      }
       run = [];
     };
-    points.forEach((v, i) => (v === null ? flush() : run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`)));
+    points.forEach((v, i) => (v === null ? flush() : run.push([x(i).toFixed(1), y(v).toFixed(1)])));
     flush();
   });
   return node;
