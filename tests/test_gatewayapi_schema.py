@@ -1,16 +1,20 @@
 """sds.gatewayapi.schema: Gateway API and Service documents checked and defaulted as the API
-server would, against the vendored Gateway API v1.6.1 CRDs."""
+server would, with whichever Gateway API schemas are in use (``schema.source()``): the v1.6.1
+CRDs when they are in sds/gatewayapi/crds/, our own built-in ones otherwise. When the CRDs are
+there, the two are also checked to agree on every document here."""
 
 from __future__ import annotations
 
 import copy
 import datetime
-from importlib import resources
 from typing import Any
 
 import pytest
 
+from sds.gatewayapi import schema
 from sds.gatewayapi.schema import (
+    BUILT_IN_SOURCE,
+    CRD_SOURCE,
     MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
     MAX_ERRORS,
@@ -21,10 +25,10 @@ from sds.gatewayapi.schema import (
 )
 
 V1 = "gateway.networking.k8s.io/v1"
-_CRDS = resources.files("sds.gatewayapi") / "crds"
 needs_crds = pytest.mark.skipif(
-    not (_CRDS / "gateway.networking.k8s.io_httproutes.yaml").is_file(),
-    reason="the Gateway API CRDs are not in sds/gatewayapi/crds/ (see its README.md)",
+    schema.source() != CRD_SOURCE,
+    reason="compares with the Gateway API CRDs, which are not in sds/gatewayapi/crds/ "
+    "(they arrive through shared/, see its README.md)",
 )
 
 
@@ -136,6 +140,188 @@ def service() -> dict[str, Any]:
     }
 
 
+def full_http_route() -> dict[str, Any]:
+    """An HTTPRoute with most of the fields the specification has."""
+    mirror = {"backendRef": {"name": "shadow", "port": 80}, "fraction": {"numerator": 1}}
+    return {
+        "apiVersion": V1,
+        "kind": "HTTPRoute",
+        "metadata": {"name": "full", "namespace": "default"},
+        "spec": {
+            "parentRefs": [
+                {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
+                {"name": "edge", "namespace": "infra", "sectionName": "https", "port": 443},
+            ],
+            "hostnames": ["*.example.com", "a.example.com"],
+            "rules": [
+                {
+                    "name": "api",
+                    "matches": [
+                        {
+                            "path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"},
+                            "headers": [{"type": "RegularExpression", "name": "x-v", "value": "1"}],
+                            "queryParams": [{"name": "debug", "value": "1"}],
+                            "method": "POST",
+                        }
+                    ],
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {
+                                "set": [{"name": "x-a", "value": "1"}],
+                                "add": [{"name": "x-b", "value": "2"}],
+                                "remove": ["x-c"],
+                            },
+                        },
+                        {
+                            "type": "ResponseHeaderModifier",
+                            "responseHeaderModifier": {"remove": ["server"]},
+                        },
+                        {"type": "RequestMirror", "requestMirror": mirror},
+                        {
+                            "type": "URLRewrite",
+                            "urlRewrite": {
+                                "hostname": "internal.example.com",
+                                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"},
+                            },
+                        },
+                        {
+                            "type": "CORS",
+                            "cors": {
+                                "allowOrigins": ["https://*.example.com", "http://a.b:8080"],
+                                "allowCredentials": True,
+                                "allowMethods": ["GET", "POST"],
+                                "allowHeaders": ["x-a"],
+                                "exposeHeaders": ["x-b"],
+                            },
+                        },
+                        {
+                            "type": "ExtensionRef",
+                            "extensionRef": {"group": "example.com", "kind": "Auth", "name": "a"},
+                        },
+                    ],
+                    "backendRefs": [
+                        {
+                            "name": "api",
+                            "namespace": "backends",
+                            "port": 8080,
+                            "weight": 1_000_000,
+                            "filters": [
+                                {
+                                    "type": "ResponseHeaderModifier",
+                                    "responseHeaderModifier": {
+                                        "set": [{"name": "x", "value": "y"}]
+                                    },
+                                }
+                            ],
+                        },
+                        {"name": "api-canary", "port": 8080, "weight": 0},
+                    ],
+                    "timeouts": {"request": "10s", "backendRequest": "1m500ms"},
+                },
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                    "filters": [
+                        {
+                            "type": "RequestRedirect",
+                            "requestRedirect": {
+                                "scheme": "https",
+                                "hostname": "new.example.com",
+                                "port": 8443,
+                                "statusCode": 301,
+                                "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"},
+                            },
+                        }
+                    ],
+                },
+            ],
+        },
+    }
+
+
+def full_grpc_route() -> dict[str, Any]:
+    """A GRPCRoute with most of the fields the specification has."""
+    route = grpc_route()
+    route["spec"]["hostnames"] = ["grpc.example.com"]
+    route["spec"]["rules"].append(
+        {
+            "name": "regex",
+            "matches": [
+                {
+                    "method": {"type": "RegularExpression", "service": "a\\..*"},
+                    "headers": [{"name": "x-tenant", "value": "t1"}],
+                },
+                {"headers": [{"type": "RegularExpression", "name": "x-a", "value": "b.*"}]},
+            ],
+            "filters": [
+                {
+                    "type": "RequestHeaderModifier",
+                    "requestHeaderModifier": {"add": [{"name": "x-a", "value": "1"}]},
+                },
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "m", "port": 1}},
+                },
+            ],
+            "backendRefs": [{"name": "greeter-v2", "port": 50051, "weight": 3}],
+        }
+    )
+    return route
+
+
+def full_gateway() -> dict[str, Any]:
+    """A Gateway with most of the fields the specification has."""
+    edge = gateway()
+    edge["spec"]["addresses"] = [
+        {"value": "2001:db8::1"},
+        {"type": "NamedAddress", "value": "edge-pool"},
+        {"type": "example.com/custom", "value": "anything"},
+    ]
+    edge["spec"]["infrastructure"] = {
+        "labels": {"team": "edge"},
+        "annotations": {"note": "x"},
+        "parametersRef": {"group": "example.com", "kind": "Config", "name": "edge"},
+    }
+    edge["spec"]["listeners"].append(
+        {
+            "name": "tls",
+            "port": 8443,
+            "protocol": "TLS",
+            "hostname": "tls.example.com",
+            "tls": {"mode": "Passthrough", "options": {"example.com/opt": "1"}},
+            "allowedRoutes": {
+                "namespaces": {
+                    "from": "Selector",
+                    "selector": {
+                        "matchLabels": {"edge": "yes"},
+                        "matchExpressions": [
+                            {"key": "team", "operator": "In", "values": ["a", "b"]}
+                        ],
+                    },
+                },
+                "kinds": [{"group": "gateway.networking.k8s.io", "kind": "TLSRoute"}],
+            },
+        }
+    )
+    edge["spec"]["listeners"].append(
+        {"name": "custom", "port": 9000, "protocol": "example.com/Custom"}
+    )
+    return edge
+
+
+def full_gateway_class() -> dict[str, Any]:
+    """A GatewayClass with every field the specification has."""
+    cls = gateway_class()
+    cls["spec"]["description"] = "Envoy, configured by envoymesh"
+    cls["spec"]["parametersRef"] = {
+        "group": "",
+        "kind": "ConfigMap",
+        "name": "envoymesh",
+        "namespace": "infra",
+    }
+    return cls
+
+
 def _set(document: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """``document`` copied with the dotted ``path`` (ints index lists) set, or deleted if ...."""
     out = copy.deepcopy(document)
@@ -186,10 +372,13 @@ VALID = [
         _set(http_route(), "metadata", {"name": "a.b-c", "resourceVersion": "7", "uid": "u"}),
         id="kubectl-get-metadata",
     ),
+    pytest.param(full_http_route(), id="HTTPRoute-full"),
+    pytest.param(full_grpc_route(), id="GRPCRoute-full"),
+    pytest.param(full_gateway(), id="Gateway-full"),
+    pytest.param(full_gateway_class(), id="GatewayClass-full"),
 ]
 
 
-@needs_crds
 @pytest.mark.parametrize("document", VALID)
 def test_valid(document: dict[str, Any]) -> None:
     assert validate(document) == []
@@ -274,17 +463,222 @@ INVALID = [
     (_set(service(), "spec.ports", []), "spec.ports", "Required value"),
     (_set(service(), "spec.type", "Magic"), "spec.type", "unsupported value"),
     (_set(service(), "spec.selector", {"a": None}), "spec.selector.a", "type string"),
+    # Fields of the full documents.
+    (
+        _set(full_http_route(), "spec.rules.0.timeouts.request", "10"),
+        "spec.rules[0].timeouts.request",
+        "must match",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.timeouts.request", "1h2m3s4ms5s"),
+        "spec.rules[0].timeouts.request",
+        "must match",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.backendRefs.0.weight", 1_000_001),
+        "spec.rules[0].backendRefs[0].weight",
+        "at most 1000000",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.backendRefs.1.weight", -1),
+        "spec.rules[0].backendRefs[1].weight",
+        "at least 0",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.matches.0.method", "get"),
+        "spec.rules[0].matches[0].method",
+        "unsupported value",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.matches.0.queryParams.0.type", "Prefix"),
+        "spec.rules[0].matches[0].queryParams[0].type",
+        "unsupported value",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.matches.0.headers.0.name", "x a"),
+        "spec.rules[0].matches[0].headers[0].name",
+        "must match",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.matches.0.headers.0.value", "v" * 4097),
+        "spec.rules[0].matches[0].headers[0].value",
+        "longer than 4096",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.matches.0.path.value", "/" * 1025),
+        "spec.rules[0].matches[0].path.value",
+        "longer than 1024",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.1.filters.0.requestRedirect.statusCode", 200),
+        "spec.rules[1].filters[0].requestRedirect.statusCode",
+        "unsupported value 200",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.1.filters.0.requestRedirect.path.type", "Prefix"),
+        "spec.rules[1].filters[0].requestRedirect.path.type",
+        "unsupported value",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.2.requestMirror.percent", 101),
+        "spec.rules[0].filters[2].requestMirror.percent",
+        "at most 100",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.4.cors.allowOrigins", ["ftp://a"]),
+        "spec.rules[0].filters[4].cors.allowOrigins[0]",
+        "",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.4.cors.maxAge", 0),
+        "spec.rules[0].filters[4].cors.maxAge",
+        "at least 1",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.5.extensionRef.group", ...),
+        "spec.rules[0].filters[5].extensionRef.group",
+        "Required value",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.0.requestHeaderModifier.set", [{}] * 17),
+        "spec.rules[0].filters[0].requestHeaderModifier.set",
+        "at most 16 items",
+    ),
+    (
+        _set(full_http_route(), "spec.rules.0.name", "API"),
+        "spec.rules[0].name",
+        "must match",
+    ),
+    (
+        _set(full_http_route(), "spec.parentRefs", [{"name": "g"}] * 33),
+        "spec.parentRefs",
+        "at most 32 items",
+    ),
+    (
+        _set(full_http_route(), "spec.parentRefs.1.kind", "1Gateway"),
+        "spec.parentRefs[1].kind",
+        "must match",
+    ),
+    (
+        _set(full_http_route(), "spec.parentRefs.1.port", 0),
+        "spec.parentRefs[1].port",
+        "at least 1",
+    ),
+    (_set(full_http_route(), "spec.rules", []), "spec.rules", "at least 1 item"),
+    (
+        _set(full_http_route(), "spec.rules.0.filters.0.type", "RequestHeaderModifer"),
+        "spec.rules[0].filters[0].type",
+        "unsupported value",
+    ),
+    (
+        _set(full_grpc_route(), "spec.rules.1.filters.0.type", "URLRewrite"),
+        "spec.rules[1].filters[0].type",
+        "unsupported value",
+    ),
+    (
+        _set(full_grpc_route(), "spec.rules.1.matches.0.method.service", "s" * 1025),
+        "spec.rules[1].matches[0].method.service",
+        "longer than 1024",
+    ),
+    (
+        _set(full_grpc_route(), "spec.rules.1.timeouts", {"request": "1s"}),
+        "spec.rules[1].timeouts",
+        "unknown field",
+    ),
+    (_set(full_gateway(), "spec.listeners", []), "spec.listeners", "at least 1 item"),
+    (
+        _set(full_gateway(), "spec.listeners", [{"name": "a", "port": 1, "protocol": "HTTP"}] * 65),
+        "spec.listeners",
+        "at most 64 items",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.0.port", 65536),
+        "spec.listeners[0].port",
+        "at most 65535",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.0.hostname", "*.*.example.com"),
+        "spec.listeners[0].hostname",
+        "must match",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.1.tls.mode", "Mutual"),
+        "spec.listeners[1].tls.mode",
+        "unsupported value",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.2.allowedRoutes.namespaces.from", "None"),
+        "spec.listeners[2].allowedRoutes.namespaces.from",
+        "unsupported value",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.2.allowedRoutes.kinds", [{"kind": "A"}] * 9),
+        "spec.listeners[2].allowedRoutes.kinds",
+        "at most 8 items",
+    ),
+    (
+        _set(full_gateway(), "spec.listeners.2.allowedRoutes.namespaces.selector.matchLabels", []),
+        "spec.listeners[2].allowedRoutes.namespaces.selector.matchLabels",
+        "type object",
+    ),
+    (
+        _set(full_gateway(), "spec.addresses.0.value", "edge.example.com"),
+        "spec.addresses[0].value",
+        "not a valid ipv",
+    ),
+    (
+        _set(full_gateway(), "spec.addresses.1.type", "Named Address"),
+        "spec.addresses[1].type",
+        "",
+    ),
+    (
+        _set(full_gateway(), "spec.addresses", [{"value": "10.0.0.1"}] * 17),
+        "spec.addresses",
+        "at most 16 items",
+    ),
+    (
+        _set(full_gateway(), "spec.infrastructure.labels.team", "-x"),
+        "spec.infrastructure.labels.team",
+        "must match",
+    ),
+    (_set(full_gateway(), "spec.gatewayClassName", ""), "spec.gatewayClassName", "empty"),
+    (_set(full_gateway(), "spec.gatewayClassName", ...), "spec.gatewayClassName", "Required"),
+    (
+        _set(full_gateway(), "spec.listeners.0.allowedRoutes", {"namespace": {}}),
+        "spec.listeners[0].allowedRoutes.namespace",
+        "unknown field",
+    ),
+    (
+        _set(full_gateway_class(), "spec.description", "d" * 65),
+        "spec.description",
+        "longer than 64",
+    ),
+    (
+        _set(full_gateway_class(), "spec.parametersRef.namespace", "Infra"),
+        "spec.parametersRef.namespace",
+        "must match",
+    ),
+    (
+        _set(reference_grant(), "spec.from.0.namespace", ...),
+        "spec.from[0].namespace",
+        "Required value",
+    ),
+    (
+        _set(reference_grant("v1"), "spec.to", [{"group": "", "kind": "Service"}] * 17),
+        "spec.to",
+        "at most 16 items",
+    ),
+    (
+        _set(reference_grant("v1"), "spec.to.0.name", ""),
+        "spec.to[0].name",
+        "empty",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("document", "path", "message"),
-    [
-        pytest.param(*case, id=f"{case[0]['kind']}:{case[1]}", marks=[needs_crds])
-        if case[0]["kind"] != "Service"
-        else pytest.param(*case, id=f"Service:{case[1]}")
-        for case in INVALID
-    ],
+    [pytest.param(*case, id=f"{case[0]['kind']}:{case[1]}") for case in INVALID],
 )
 def test_invalid(document: dict[str, Any], path: str, message: str) -> None:
     errors = validate(document)
@@ -432,7 +826,6 @@ CEL = [
 ]
 
 
-@needs_crds
 @pytest.mark.parametrize(("document", "path", "message"), CEL)
 def test_cel_rules(document: dict[str, Any], path: str, message: str) -> None:
     assert SchemaError(path, message) in validate(document) or any(
@@ -440,12 +833,10 @@ def test_cel_rules(document: dict[str, Any], path: str, message: str) -> None:
     ), validate(document)
 
 
-@needs_crds
 def test_total_matches_at_the_limit() -> None:
     assert validate(_set(http_route(), "spec.rules", [{"matches": [{}] * 64}] * 2)) == []
 
 
-@needs_crds
 def test_cel_rules_wait_for_the_schema() -> None:
     # A filter of unknown type is a schema error; the hand-written rules do not run on it.
     errors = validate(_rule(filters=[{"type": "Teleport"}]))
@@ -535,19 +926,13 @@ def _get(document: Any, path: str) -> Any:
 
 @pytest.mark.parametrize(
     ("document", "path", "expected"),
-    [
-        pytest.param(*case, id=f"{case[0]['kind']}:{case[1]}", marks=[needs_crds])
-        if case[0]["kind"] != "Service"
-        else pytest.param(*case, id=f"Service:{case[1]}")
-        for case in DEFAULTS
-    ],
+    [pytest.param(*case, id=f"{case[0]['kind']}:{case[1]}") for case in DEFAULTS],
 )
 def test_defaults(document: dict[str, Any], path: str, expected: Any) -> None:
     assert validate(document) == []
     assert _get(with_defaults(document), path) == expected
 
 
-@needs_crds
 def test_with_defaults_copies_and_drops_status() -> None:
     route = {**http_route(), "status": {"parents": []}}
     before = copy.deepcopy(route)
@@ -675,3 +1060,40 @@ def test_supported_kinds() -> None:
         "ReferenceGrant",
         "Service",
     }
+
+
+def test_source() -> None:
+    assert schema.source() in (CRD_SOURCE, BUILT_IN_SOURCE)
+    assert CRD_SOURCE == "crd v1.6.1"
+    assert BUILT_IN_SOURCE == "envoymesh built-in"
+
+
+def _corpus() -> list[Any]:
+    """Every Gateway API document of this file, valid or not."""
+    documents: list[dict[str, Any]] = [param.values[0] for param in VALID]  # type: ignore[misc]
+    documents += [case[0] for case in (*INVALID, *CEL, *DEFAULTS)]
+    return [
+        pytest.param(document, id=f"{i}-{document['kind']}")
+        for i, document in enumerate(documents)
+        if document["kind"] != "Service"
+    ]
+
+
+def _checked_with(
+    source: str, document: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[SchemaError], dict[str, Any] | None]:
+    monkeypatch.setattr(schema, "source", lambda: source)
+    errors = validate(document)
+    # The order of several errors on one field follows the schema's keyword order.
+    errors.sort(key=lambda error: (error.path, error.message))
+    return errors, None if errors else with_defaults(document)
+
+
+@needs_crds
+@pytest.mark.parametrize("document", _corpus())
+def test_built_in_schemas_agree_with_the_crds(
+    document: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crd = _checked_with(CRD_SOURCE, document, monkeypatch)
+    built_in = _checked_with(BUILT_IN_SOURCE, document, monkeypatch)
+    assert built_in == crd

@@ -5,9 +5,14 @@ Service objects from YAML files instead of from an API server, so nothing else s
 an untrusted file and the translator. :func:`validate` does what the API server does before it
 stores such an object, and :func:`with_defaults` fills in what the API server would fill in:
 
-* the object's CRD schema (``crds/``, the Gateway API standard channel) is checked with
-  ``jsonschema_rs`` (the pure-Python ``jsonschema`` took 0.9 ms a route, 4.5 s for 5,000);
-  for Service, a small hand-written schema of the fields we use;
+* the object's ``spec`` is checked with ``jsonschema_rs`` (the pure-Python ``jsonschema``
+  took 0.9 ms a route, 4.5 s for 5,000) against the Gateway API v1.6.1 standard-channel schema
+  of its kind: the CRD's (``crds/*.yaml``) when all five CRDs are there, else our own
+  (:mod:`sds.gatewayapi.spec_schema`), written from the specification, which accepts, refuses
+  and defaults the same documents. The CRDs may only arrive through the steering repository's
+  ``shared/`` folder (``crds/README.md``), so a fresh clone uses ours; :func:`source` says
+  which is in use. Everything else below is the same with either. For Service, a small
+  hand-written schema of the fields we use;
 * ``metadata``: ``name`` is required, ``namespace`` optional (the caller defaults it);
 * unknown fields are refused, as ``kubectl apply`` does (its field validation is strict);
 * ``status`` is ignored and dropped: with the status subresource the API server ignores a
@@ -16,10 +21,11 @@ stores such an object, and :func:`with_defaults` fills in what the API server wo
 * string ``pattern`` keywords are matched with RE2 semantics, as in the API server;
 * ``format`` is checked only for ``ipv4``/``ipv6``.
 
-The CRDs' CEL rules (``x-kubernetes-validations``) are NOT evaluated. The ones that matter for
-safety or for the translation are written out by hand in ``_check_*`` below; every other CEL
-rule is left unchecked (for instance the parentRefs ``sectionName`` rules, timeouts ordering,
-CORS wildcards, the request mirror's percent/fraction, Gateway TLS and address rules).
+The specification's CEL rules (the CRDs' ``x-kubernetes-validations``) are NOT evaluated.
+The ones that matter for safety or for the translation are written out by hand in
+``_check_*`` below, for either schema; every other CEL rule is left unchecked (for instance
+the parentRefs ``sectionName`` rules, timeouts ordering, CORS wildcards, the request mirror's
+percent/fraction, Gateway TLS and address rules).
 
 Hostile input (deep nesting, huge documents, values YAML can make but JSON cannot carry,
 strings that are not valid UTF-8) is refused before any schema sees it, and error messages
@@ -33,13 +39,22 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 import re2
 import yaml
 from jsonschema_rs import Draft4Validator, RegexOptions, ValidationError, ValidationErrorKind
 
+from sds.gatewayapi.spec_schema import spec_schema
+
 GROUP: Final = "gateway.networking.k8s.io"
+#: The Gateway API release whose schemas are followed, the CRDs' or ours.
+RELEASE: Final = "v1.6.1"
+#: :func:`source` when the CRDs in ``crds/`` are in use.
+CRD_SOURCE: Final = f"crd {RELEASE}"
+#: :func:`source` when our own schemas (:mod:`sds.gatewayapi.spec_schema`) are in use.
+BUILT_IN_SOURCE: Final = "envoymesh built-in"
 
 #: The (apiVersion, kind) pairs :func:`validate` knows.
 SUPPORTED: Final[frozenset[tuple[str, str]]] = frozenset(
@@ -260,35 +275,65 @@ def _prepare(schema: Any, *, structural: bool = True) -> Any:
     return out
 
 
+def _crd_file(kind: str) -> Traversable:
+    return resources.files("sds.gatewayapi") / "crds" / _CRD_FILES[kind]
+
+
 @functools.cache
-def _kind(api_version: str, kind: str) -> _Kind:
+def source() -> str:
+    """Which Gateway API schemas are in use: :data:`CRD_SOURCE` or :data:`BUILT_IN_SOURCE`.
+
+    The CRDs (``crds/*.yaml``) when all five are there, else our own
+    (:mod:`sds.gatewayapi.spec_schema`): one or the other for every kind, never a mix. The
+    choice is made once, on first use.
+    """
+    if all(_crd_file(kind).is_file() for kind in _CRD_FILES):
+        return CRD_SOURCE
+    return BUILT_IN_SOURCE
+
+
+def _crd_spec(api_version: str, kind: str) -> dict[str, Any]:
+    """The ``spec`` schema of ``kind`` from its CRD, at the version of ``api_version``."""
+    version = api_version.rpartition("/")[2]
+    crd = yaml.load(
+        _crd_file(kind).read_text("utf-8"),
+        # The C build of SafeLoader where PyYAML has it: 15 times faster on 400 KB CRDs.
+        Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),  # noqa: S506
+    )
+    (served,) = (v for v in crd["spec"]["versions"] if v["name"] == version)
+    spec: dict[str, Any] = _prepare(served["schema"]["openAPIV3Schema"]["properties"]["spec"])
+    return spec
+
+
+@functools.cache
+def _kind(api_version: str, kind: str, from_crd: bool) -> _Kind:
     """The schema and validator of one supported kind, built on first use."""
     if kind == "Service":
         schema: dict[str, Any] = _SERVICE_SCHEMA
     else:
-        version = api_version.rpartition("/")[2]
-        crd_file = resources.files("sds.gatewayapi") / "crds" / _CRD_FILES[kind]
-        if not crd_file.is_file():
-            raise FileNotFoundError(
-                f"the {kind} CRD is missing: sds/gatewayapi/crds/README.md says how to add it"
-            )
-        crd = yaml.load(
-            crd_file.read_text("utf-8"),
-            # The C build of SafeLoader where PyYAML has it: 15 times faster on 400 KB CRDs.
-            Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),  # noqa: S506
-        )
-        (served,) = (v for v in crd["spec"]["versions"] if v["name"] == version)
-        schema = _prepare(served["schema"]["openAPIV3Schema"])
-        schema["properties"]["metadata"] = _GATEWAY_API_METADATA
-        schema["properties"].pop("status", None)
-        schema["required"] = sorted({*schema.get("required", ()), "metadata"})
+        # Only `spec` differs between the CRDs and ours; the rest of the object is the same.
+        schema = {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["metadata", "spec"],
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": _GATEWAY_API_METADATA,
+                "spec": _crd_spec(api_version, kind) if from_crd else spec_schema(kind),
+            },
+        }
     # OpenAPI v3.0 schemas are JSON Schema draft 4 plus extensions, which validators ignore.
     # The `regex` crate's syntax and semantics are RE2's, as in the API server (Go), where
-    # Python's `re` would let `$` match before a final newline. Of the formats in these
-    # schemas' specs (int32, ipv4, ipv6), int32 is unknown to it and so not checked: the
-    # schemas' own minimum/maximum bound those fields.
+    # Python's `re` would let `$` match before a final newline. Of the formats in the CRDs'
+    # specs (int32, ipv4, ipv6), int32 is unknown to it and so not checked: the schemas' own
+    # minimum/maximum bound those fields.
     validator = Draft4Validator(schema, validate_formats=True, pattern_options=RegexOptions())
     return _Kind(schema, validator)
+
+
+def _schema_of(api_version: str, kind: str) -> _Kind:
+    return _kind(api_version, kind, source() == CRD_SOURCE)
 
 
 def validate(document: Mapping[str, Any]) -> list[SchemaError]:
@@ -307,7 +352,7 @@ def validate(document: Mapping[str, Any]) -> list[SchemaError]:
         return [_unsupported(api_version, kind)]
     assert isinstance(api_version, str)
     assert isinstance(kind, str)
-    found = _kind(api_version, kind)
+    found = _schema_of(api_version, kind)
     defaulted = _defaulted(_without_status(document), found.schema)
     errors: list[SchemaError] = []
     if not found.validator.is_valid(defaulted):
@@ -336,7 +381,7 @@ def with_defaults(document: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(_unsupported(api_version, kind).message)
     assert isinstance(api_version, str)
     assert isinstance(kind, str)
-    defaulted = _defaulted(_without_status(document), _kind(api_version, kind).schema)
+    defaulted = _defaulted(_without_status(document), _schema_of(api_version, kind).schema)
     assert isinstance(defaulted, dict)
     return defaulted
 
