@@ -1,8 +1,14 @@
-"""``sds bootstrap``: the one file an Envoy needs to get everything else from sds.
+"""``sds bootstrap``: the one file an Envoy (or a proxyless gRPC client) needs from sds.
 
 The bootstrap holds only the ADS cluster and ``dynamic_resources``: Listeners, Routes,
 Clusters and endpoints all come over ADS. The node names the Gateway the Envoy serves, so it
 receives that Gateway's resources and no other's.
+
+``--grpc`` prints instead the JSON bootstrap of gRPC's xDS client (``GRPC_XDS_BOOTSTRAP`` or
+``GRPC_XDS_BOOTSTRAP_CONFIG``): its channels to ``xds:///NAME[:PORT]`` then get that
+service's Listener, routes, Clusters and endpoints from sds. It asks gRPC to ignore resource
+deletions: a Listener or Cluster missing from one answer (an sds that restarted and has not
+learned everything yet) never fails its calls.
 """
 
 from __future__ import annotations
@@ -105,26 +111,53 @@ def envoy_bootstrap(
     }
 
 
+def grpc_bootstrap(xds_server: str, *, node_id: str = "") -> dict[str, Any]:
+    """The bootstrap of a proxyless gRPC client of sds at ``HOST:PORT``."""
+    host, port = _split(xds_server)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "xds_servers": [
+            {
+                "server_uri": authority,
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3", "ignore_resource_deletion"],
+            }
+        ],
+        "node": {"id": node_id or f"grpc-{socket.gethostname()}"},
+    }
+
+
 def main(argv: Sequence[str]) -> None:
     """Print a bootstrap as JSON (which is YAML too: give Envoy either file name)."""
     parser = argparse.ArgumentParser(
         prog="sds bootstrap",
-        description="Print the bootstrap of an Envoy that gets its whole configuration from sds.",
+        description="Print the bootstrap of an Envoy (or, with --grpc, of a proxyless gRPC "
+        "client) that gets its whole configuration from sds.",
     )
-    parser.add_argument("--gateway", required=True, help="the Gateway it serves: NAMESPACE/NAME")
+    parser.add_argument("--gateway", help="the Gateway it serves: NAMESPACE/NAME")
+    parser.add_argument(
+        "--grpc", action="store_true", help="a proxyless gRPC client's bootstrap instead"
+    )
     parser.add_argument("--xds-server", required=True, help="sds's gRPC address: HOST:PORT")
-    parser.add_argument("--node-id", default="", help="node id (default: NAME-<hostname>)")
+    parser.add_argument(
+        "--node-id", default="", help="node id (default: NAME-<hostname>, grpc-<hostname>)"
+    )
     parser.add_argument("--admin-port", type=int, default=9901, help="admin port on 127.0.0.1")
     parser.add_argument("--delta", action="store_true", help="incremental xDS (DELTA_GRPC)")
     args = parser.parse_args(argv)
+    if args.grpc == bool(args.gateway):
+        parser.error("give either --gateway (an Envoy) or --grpc (a gRPC client)")
     try:
-        document = envoy_bootstrap(
-            args.gateway,
-            args.xds_server,
-            node_id=args.node_id,
-            admin_port=args.admin_port,
-            delta=args.delta,
-        )
+        if args.grpc:
+            document = grpc_bootstrap(args.xds_server, node_id=args.node_id)
+        else:
+            document = envoy_bootstrap(
+                args.gateway,
+                args.xds_server,
+                node_id=args.node_id,
+                admin_port=args.admin_port,
+                delta=args.delta,
+            )
     except ValueError as exc:
         parser.error(str(exc))
     json.dump(document, sys.stdout, indent=2)

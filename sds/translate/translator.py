@@ -25,6 +25,7 @@ from sds.translate.gateways import (
     unattached_status,
 )
 from sds.translate.listeners import listeners
+from sds.translate.mesh import MeshTranslator
 from sds.translate.routes import route_configurations
 from sds.xds.resources import CDS_TYPE_URL, LDS_TYPE_URL, RDS_TYPE_URL, Resource
 
@@ -47,6 +48,8 @@ class Translator:
         self._gateways_by_service: dict[tuple[str, str], set[ObjectKey]] = {}
         self._exists: dict[tuple[str, str], bool] = {}
         self.last_duration = 0.0
+        # Proxyless gRPC targets and GRPCRoutes attached to Services (GAMMA), over this index.
+        self.mesh = MeshTranslator(self)
 
     # ----- the backends the routes name -------------------------------------------------------
 
@@ -88,6 +91,7 @@ class Translator:
         obj = self.index.config.get(route)
         if isinstance(obj, Route):
             found.extend(unattached_status(self.index, obj))
+        found.extend(self.mesh.route_status(route))
         return found
 
     def routes(self) -> list[Route]:
@@ -230,18 +234,18 @@ class Translator:
                     ],
                 }
             )
-        return {"gateways": gateways, "routes": routes}
+        return {"gateways": gateways, "routes": routes, "grpc_targets": self.mesh.watched()}
 
 
 def _targets(translator: Translator, route: ObjectKey, rule_index: int) -> list[Any]:
-    """The targets a rule was bound to (on the first Gateway that bound it)."""
+    """The targets a rule was bound to (on the first Gateway, else Service, that bound it)."""
     for binding in translator.bindings.values():
         for port in binding.plan.ports:
             for host in port.virtual_hosts:
                 for bound in host.rules:
                     if bound.route == route and bound.rule_index == rule_index:
                         return list(bound.targets)
-    return []
+    return translator.mesh.targets_of(route, rule_index)
 
 
 def _versions(resources: Mapping[str, Resource]) -> dict[str, str]:

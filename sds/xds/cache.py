@@ -13,7 +13,11 @@
   Gateway's proxies are woken with :meth:`Watcher.config_changed`.
 - **Cluster names** (``namespace/service/port``, the clusters of Gateway routes) are
   ClusterLoadAssignments of one port of a Service: its registered hosts on that port (in the
-  registration namespace) and its Kubernetes endpoints.
+  registration namespace) and its Kubernetes endpoints. ``namespace/service/*`` is every
+  port (every registered host), and any other last segment (``none``) no endpoint.
+- **Proxyless gRPC targets** (:mod:`sds.translate.mesh`) are translated while a stream
+  watches them (:meth:`XdsCache.watch_mesh`); their streams are woken with
+  :meth:`Watcher.config_changed` when their Listener or RouteConfiguration moves.
 
 Everything is kept in bounded LRUs under the one rule of :mod:`sds.caching`.
 """
@@ -34,8 +38,9 @@ from google.protobuf import json_format
 from sds import metrics
 from sds.caching import Lru, still_current
 from sds.gatewayapi.model import ObjectKey
-from sds.model import ServiceSnapshot, Source
+from sds.model import Endpoint, ServiceSnapshot, Source
 from sds.registry import Registry, short_name
+from sds.translate.mesh import ALL_PORTS
 from sds.translate.translator import Translator
 from sds.xds.resources import EDS_TYPE_URL, Resource, build_resource, combined_version
 from sds.xds.subscription import Subscription
@@ -97,6 +102,7 @@ class XdsCache:
         self.registry = registry
         self.translator = Translator(registry, registration_namespace)
         self._gateway_watches: dict[ObjectKey, set[Watcher]] = {}
+        self._mesh_watches: dict[str, set[Watcher]] = {}
         self._ports: Lru[str, tuple[ServiceSnapshot, ServiceSnapshot, Resource]] = Lru(
             RESOURCE_CACHE_SIZE
         )
@@ -147,6 +153,22 @@ class XdsCache:
             if not watchers:
                 del self._gateway_watches[gateway]
 
+    def watch_mesh(self, watcher: Watcher, names: Iterable[str], *, on: bool = True) -> None:
+        """Wake ``watcher`` (or stop) when the proxyless gRPC targets ``names`` move."""
+        mesh = self.translator.mesh
+        for name in names:
+            watchers = self._mesh_watches.get(name)
+            if on:
+                if watchers is None:
+                    watchers = self._mesh_watches[name] = set()
+                    mesh.watch(name)
+                watchers.add(watcher)
+            elif watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._mesh_watches[name]
+                    mesh.forget(name)
+
     def unwatch(self, watcher: Watcher, names: Iterable[str], *, wildcard: bool = False) -> None:
         """Stop waking ``watcher`` for ``names`` (and, with ``wildcard``, for everything)."""
         for name in self._watched_as(names):
@@ -195,6 +217,7 @@ class XdsCache:
                 for gateway in self.translator.refresh(keys, changed):
                     for watcher in self._gateway_watches.get(gateway, ()):
                         watcher.config_changed(changed_at)
+                self._refresh_mesh(keys, changed, changed_at)
             if not changed and changed is not None:
                 continue
             woken = self.watchers(changed)
@@ -204,6 +227,20 @@ class XdsCache:
             metrics.XDS_WAKEUPS.inc(len(woken))
             for watcher in woken:
                 watcher.changed(changed, changed_at)
+
+    def _refresh_mesh(
+        self, keys: frozenset[ObjectKey] | None, changed: frozenset[str] | None, changed_at: float
+    ) -> None:
+        """Wake the streams of the gRPC targets that moved (all of them when anything may have:
+        an answer held back while sources synced may go out now)."""
+        moved = self.translator.mesh.refresh(keys, changed)
+        if changed is None:
+            moved = set(self._mesh_watches)
+        woken: set[Watcher] = set()
+        for name in moved:
+            woken |= self._mesh_watches.get(name, set())
+        for watcher in woken:
+            watcher.config_changed(changed_at)
 
     # ----- resolution ----------------------------------------------------------------------
 
@@ -265,12 +302,18 @@ class XdsCache:
             and still_current(cached[1], kubernetes)
         ):
             return cached[2]
-        port_text = name.rsplit("/", 1)[-1]
-        port = int(port_text) if port_text.isdigit() else -1
-        endpoints = [e for e in (registered or empty).endpoints if e.port == port]
-        # A Kubernetes source already chose the Service's port for its endpoints.
-        endpoints += [e for e in kubernetes.endpoints if e.source is Source.KUBERNETES]
-        resource = build_resource(name, kubernetes, endpoints)
+        ports = name.rsplit("/", 1)[-1]
+        endpoints: dict[tuple[str, int], Endpoint] = {}
+        if ports.isdigit() or ports == ALL_PORTS:
+            for endpoint in (registered or empty).endpoints:
+                if ports == ALL_PORTS or endpoint.port == int(ports):
+                    endpoints.setdefault(endpoint.key, endpoint)
+            # A Kubernetes source already chose the Service's port for its endpoints.
+            for endpoint in kubernetes.endpoints:
+                if endpoint.source is Source.KUBERNETES:
+                    # gRPC clients refuse an assignment listing an address twice.
+                    endpoints.setdefault(endpoint.key, endpoint)
+        resource = build_resource(name, kubernetes, endpoints.values())
         self._ports.put(name, (registered or empty, kubernetes, resource))
         return resource
 

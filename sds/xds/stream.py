@@ -48,6 +48,9 @@ _REMEMBERED_NONCES = 64
 # Make before break, in the order Envoy needs them: a cluster before its endpoints, both
 # before a route that sends to it; listeners before their routes.
 _PUSH_ORDER = (CDS_TYPE_URL, EDS_TYPE_URL, LDS_TYPE_URL, RDS_TYPE_URL)
+# Proxyless gRPC targets: Listeners and RouteConfigurations named for them (Clusters are
+# a function of their name alone, so nothing to watch).
+_MESH_WATCHED = frozenset({LDS_TYPE_URL, RDS_TYPE_URL})
 
 
 class XdsProtocolError(Exception):
@@ -146,6 +149,8 @@ class XdsStream:
         self._changed_at: float | None = None
         self._config_dirty = False
         self.gateway: ObjectKey | None = None
+        # Serves Listeners, RouteConfigurations or Clusters: a Gateway's, or a gRPC client's.
+        self._config_stream = False
         self.status: ProxyStatus | None = None
         self.peer = ""
 
@@ -182,6 +187,8 @@ class XdsStream:
             for type_url, state in self._types.items():
                 if type_url == EDS_TYPE_URL:
                     self._cache.unwatch(self, state.subscription.names, wildcard=True)
+                elif type_url in _MESH_WATCHED and self.gateway is None:
+                    self._cache.watch_mesh(self, state.subscription.names, on=False)
             if self.gateway is not None:
                 self._cache.watch_gateway(self, self.gateway, on=False)
             if self.status is not None:
@@ -249,6 +256,7 @@ class XdsStream:
             self.gateway = gateway_of(node)
             if self.gateway is not None:
                 self._cache.watch_gateway(self, self.gateway)
+                self._config_stream = True
         self.status.last_seen = time.time()
 
     def _type_states(self) -> dict[str, dict[str, Any]]:
@@ -296,7 +304,7 @@ class XdsStream:
         whole set, and it would shrink).
         """
         if self.gateway is None:
-            return []
+            return self._mesh_resources(type_url, state)
         if state.had and not self._cache.registry.ready:
             return None
         desired = self._cache.translator.resources(self.gateway, type_url)
@@ -328,6 +336,30 @@ class XdsStream:
                     else:
                         del chosen[name]
         return [chosen[name] for name in sorted(chosen)]
+
+    def _mesh_resources(self, type_url: str, state: _TypeState) -> list[Resource] | None:
+        """What a proxyless gRPC client (a node of no Gateway) gets for the names it asked.
+
+        While sources sync, a client that showed it had resources gets no Listener or Cluster
+        answer that lacks a name it asked for: that would delete what it has.
+        """
+        subscription = state.subscription
+        if subscription.wildcard or not subscription.names:
+            return []
+        mesh = self._cache.translator.mesh
+        found = [
+            resource
+            for name in sorted(subscription.names)
+            if (resource := mesh.resource(type_url, name)) is not None
+        ]
+        if (
+            state.had
+            and type_url != RDS_TYPE_URL
+            and len(found) < len(subscription.names)
+            and not self._cache.registry.ready
+        ):
+            return None
+        return found
 
     def _type_url(self, type_url: str) -> str:
         if self._service == "eds":
@@ -377,6 +409,10 @@ class XdsStream:
         if type_url == EDS_TYPE_URL:
             self._cache.unwatch(self, dropped, wildcard=was_wildcard and not subscription.wildcard)
             self._cache.watch(self, added, wildcard=subscription.wildcard and not was_wildcard)
+        elif type_url in _MESH_WATCHED and self.gateway is None:
+            self._cache.watch_mesh(self, dropped, on=False)
+            self._cache.watch_mesh(self, added)
+            self._config_stream = self._config_stream or bool(added)
         if self.status is not None:
             self.status.subscribed = listed(subscription.listed())
         return dropped
@@ -524,7 +560,7 @@ class SotwStream(XdsStream):
         """Send a fresh state of the world when the subscribed resources changed."""
         config = self._config_dirty or changed is None
         self._config_dirty = False
-        if config and self.gateway is not None:
+        if config and self._config_stream:
             state = self._types.get(CDS_TYPE_URL)
             if state is not None and state.answered:
                 await self._send_type(CDS_TYPE_URL, state, changed_at)
@@ -532,7 +568,7 @@ class SotwStream(XdsStream):
         if state is not None:
             self._refresh_targets(state, changed)
             await self._answer(EDS_TYPE_URL, state, changed_at, force=False)
-        if config and self.gateway is not None:
+        if config and self._config_stream:
             await self._push_config(changed_at)
 
     async def _send_type(self, type_url: str, state: _TypeState, changed_at: float | None) -> None:
@@ -616,7 +652,7 @@ class DeltaStream(XdsStream):
         """Send the subscribed resources whose version moved, and what is gone."""
         config = self._config_dirty or changed is None
         self._config_dirty = False
-        if config and self.gateway is not None:
+        if config and self._config_stream:
             state = self._types.get(CDS_TYPE_URL)
             if state is not None and state.answered:
                 await self._push(CDS_TYPE_URL, state, changed_at)
@@ -624,7 +660,7 @@ class DeltaStream(XdsStream):
         if state is not None:
             self._refresh_targets(state, changed)
             await self._push(EDS_TYPE_URL, state, changed_at)
-        if config and self.gateway is not None:
+        if config and self._config_stream:
             await self._push_config(changed_at)
 
     async def _send_type(self, type_url: str, state: _TypeState, changed_at: float | None) -> None:
