@@ -16,6 +16,7 @@ from sds.xds.resources import Resource, pack
 HTTP2_PROTOCOLS = frozenset({"kubernetes.io/h2c", "h2c", "http2", "grpc"})
 _OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _built: Lru[tuple[ClusterRef, bool], Resource] = Lru(100_000)
+_templates: dict[tuple[bool, bool], cluster_pb2.Cluster] = {}
 
 
 def _cluster(ref: ClusterRef, proxyless: bool) -> dict[str, Any]:
@@ -58,12 +59,25 @@ def _cluster(ref: ClusterRef, proxyless: bool) -> dict[str, Any]:
     return cluster
 
 
+def _template(http2: bool, proxyless: bool) -> cluster_pb2.Cluster:
+    """The cluster every Service port of one kind shares, but for its name."""
+    key = (http2, proxyless)
+    template = _templates.get(key)
+    if template is None:
+        shape = ClusterRef("", "", 0, "h2c" if http2 else "")
+        template = json_format.ParseDict(_cluster(shape, proxyless), cluster_pb2.Cluster())
+        _templates[key] = template
+    return template
+
+
 def cluster(ref: ClusterRef, proxyless: bool = False) -> Resource:
     """The Cluster of one Service port, built once."""
     key = (ref, proxyless)
     built = _built.get(key)
     if built is None:
-        message = json_format.ParseDict(_cluster(ref, proxyless), cluster_pb2.Cluster())
+        message = cluster_pb2.Cluster()
+        message.CopyFrom(_template(ref.app_protocol in HTTP2_PROTOCOLS, proxyless))
+        message.name = ref.name
         built = pack(ref.name, message)
         _built.put(key, built)
     return built

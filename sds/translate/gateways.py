@@ -253,6 +253,7 @@ class ConfigIndex:
     def __init__(self) -> None:
         self.config = GatewayConfig()
         self.routes_by_parent: dict[ObjectKey, set[ObjectKey]] = {}
+        self._parents_of: dict[ObjectKey, set[ObjectKey]] = {}
         self.grants_by_namespace: dict[str, list[ReferenceGrant]] = {}
         self.services: dict[tuple[str, str], Service] = {}
 
@@ -264,18 +265,18 @@ class ConfigIndex:
         self.config = config
         for key in changed:
             if key.kind in ROUTE_KINDS:
-                for parents in (old.get(key), new.get(key)):
-                    if isinstance(parents, Route):
-                        for parent in parents.parents:
-                            gateway = ObjectKey(GATEWAY, parent.namespace, parent.name)
-                            self.routes_by_parent.setdefault(gateway, set())
-                for routes in self.routes_by_parent.values():
-                    routes.discard(key)
+                for parent_key in self._parents_of.pop(key, ()):
+                    routes = self.routes_by_parent.get(parent_key)
+                    if routes is not None:
+                        routes.discard(key)
+                        if not routes:
+                            del self.routes_by_parent[parent_key]
                 route = new.get(key)
                 if isinstance(route, Route):
-                    for parent in route.parents:
-                        target = ObjectKey(parent.kind, parent.namespace, parent.name)
-                        self.routes_by_parent.setdefault(target, set()).add(key)
+                    parents = {ObjectKey(p.kind, p.namespace, p.name) for p in route.parents}
+                    self._parents_of[key] = parents
+                    for parent_key in parents:
+                        self.routes_by_parent.setdefault(parent_key, set()).add(key)
             elif key.kind == REFERENCE_GRANT:
                 self.grants_by_namespace = {}
                 for grant in config.of_kind(REFERENCE_GRANT):
