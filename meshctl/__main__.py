@@ -21,6 +21,7 @@ from meshctl import control
 from meshctl.demo import run_demo
 from meshctl.mesh import REPLICA_PORT_FIELDS, Mesh, MeshSettings
 from meshctl.proxy_status import fetch_proxies, format_proxies
+from meshctl.routes import fetch_config, format_routes
 from meshctl.table import render_table
 
 # (flag, MeshSettings field, default); each also reads MESHCTL_<FIELD> from the environment.
@@ -219,6 +220,12 @@ async def _proxy_status(sds: str, as_json: bool) -> int:
     return 0
 
 
+async def _routes(sds: str, as_json: bool) -> int:
+    config = await fetch_config(sds)
+    print(json.dumps(config, indent=2) if as_json else format_routes(config))
+    return 0
+
+
 def _render(template: str, pairs: Sequence[str]) -> int:
     values = {}
     for pair in pairs:
@@ -268,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxies.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    routes = commands.add_parser(
+        "routes", help="Gateway API routes sds serves, their status and backends"
+    )
+    routes.add_argument(
+        "--sds", default=_env("sds", "http://127.0.0.1:8080"), help="sds HTTP URL [env MESHCTL_SDS]"
+    )
+    routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     render_cmd = commands.add_parser("render-envoy", help="print an Envoy config from envoy/")
     render_cmd.add_argument("template", choices=TEMPLATES)
     render_cmd.add_argument("values", nargs="*", metavar="KEY=VALUE")
@@ -292,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(_scale(_run_dir(args.run_dir), args.service, args.replicas))
     elif args.command == "status":
         code = asyncio.run(_status(_run_dir(args.run_dir)))
+    elif args.command == "routes":
+        code = asyncio.run(_routes(args.sds, args.json))
     else:
         code = asyncio.run(_proxy_status(args.sds, args.json))
     sys.exit(code)

@@ -27,32 +27,38 @@ def _ago(timestamp: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+TYPES = ("cds", "lds", "eds", "rds")
+
+
 def format_proxies(proxies: list[dict[str, Any]]) -> str:
-    """A table like ``istioctl proxy-status``: SYNCED, STALE or NACKED per proxy."""
+    """A table like ``istioctl proxy-status``: SYNCED, STALE or NACKED per proxy and type.
+
+    A type the proxy never asked for shows ``-``; the last NACK's text comes last.
+    """
     if not proxies:
         return "no proxies connected"
-    rows = [
-        (
-            p["node_id"] or "-",
-            p["cluster"] or "-",
-            p["transport"],
-            ",".join(p["subscribed"]) or "-",
-            p["state"],
-            p["last_version_sent"][:12] or "-",
-            p["last_version_acked"][:12] or "-",
-            (p["last_nack"][:40] or "-"),
-            _ago(p["connected_since"]),
+    rows = []
+    for p in proxies:
+        states = p.get("type_states") or {}
+        rows.append(
+            (
+                p["node_id"] or "-",
+                p["cluster"] or "-",
+                p["transport"],
+                ",".join(p["subscribed"]) or "-",
+                p["state"],
+                *(states[t]["state"] if t in states else "-" for t in TYPES),
+                (p["last_nack"][:40] or "-"),
+                _ago(p["connected_since"]),
+            )
         )
-        for p in proxies
-    ]
     headers = (
         "NAME",
         "CLUSTER",
         "TRANSPORT",
         "RESOURCES",
         "STATE",
-        "SENT",
-        "ACKED",
+        *(t.upper() for t in TYPES),
         "LAST NACK",
         "AGE",
     )

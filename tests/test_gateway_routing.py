@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from meshctl.routes import fetch_config, format_routes
 from tests.conftest import GatewayMesh
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -389,6 +390,7 @@ async def test_a_backend_that_does_not_exist_gets_500_and_backend_not_found(
     status = await route_status(mesh, "missing")
     assert status["Accepted"]["status"] == "True"
     assert status["ResolvedRefs"]["reason"] == "BackendNotFound"
+    assert "!BackendNotFound" in format_routes(await fetch_config(mesh.sds.url))
 
 
 async def test_an_invalid_backend_keeps_its_share_of_the_weight_as_500(mesh: GatewayMesh) -> None:

@@ -15,6 +15,7 @@ from meshctl.__main__ import busy_ports
 from meshctl.addresses import replica_address
 from meshctl.mesh import PORT_FIELDS, REPLICA_PORT_FIELDS, MeshSettings, free_mesh_ports
 from meshctl.proxy_status import format_proxies
+from meshctl.routes import format_routes
 
 
 def test_replicas_get_their_own_loopback_address_when_the_os_has_them() -> None:
@@ -106,6 +107,71 @@ def test_proxy_status_table_shows_each_state() -> None:
     assert lines[0].split()[:5] == ["NAME", "CLUSTER", "TRANSPORT", "RESOURCES", "STATE"]
     assert [line.split()[4] for line in lines[1:]] == ["SYNCED", "STALE", "NACKED"]
     assert "bad endpoint" in lines[3]
+
+
+def test_proxy_status_shows_each_types_state() -> None:
+    proxy = {
+        "node_id": "edge-1",
+        "cluster": "default/edge",
+        "transport": "sotw",
+        "subscribed": ["default/edge/8080"],
+        "state": "STALE",
+        "last_nack": "",
+        "connected_since": 0.0,
+        "type_states": {
+            "cds": {"state": "SYNCED"},
+            "lds": {"state": "SYNCED"},
+            "eds": {"state": "STALE"},
+            "rds": {"state": "NACKED"},
+        },
+    }
+    header, row = format_proxies([proxy]).splitlines()
+    assert header.split()[5:9] == ["CDS", "LDS", "EDS", "RDS"]
+    assert row.split()[5:9] == ["SYNCED", "SYNCED", "STALE", "NACKED"]
+
+
+def test_routes_table_marks_failing_conditions_and_lists_refused_files() -> None:
+    config = {
+        "problems": [{"file": "bad.yaml", "path": "HTTPRoute 'x': spec.rules", "message": "no"}],
+        "routes": [
+            {
+                "kind": "HTTPRoute",
+                "namespace": "default",
+                "name": "users",
+                "parents": [
+                    {
+                        "parentRef": {"namespace": "default", "name": "edge"},
+                        "conditions": [
+                            {"type": "Accepted", "status": "True", "reason": "Accepted"},
+                            {
+                                "type": "ResolvedRefs",
+                                "status": "False",
+                                "reason": "BackendNotFound",
+                            },
+                        ],
+                    }
+                ],
+                "rules": [
+                    {
+                        "backends": [
+                            {"cluster": "default/usersvc/5000", "weight": 9},
+                            {"cluster": None, "weight": 1},
+                        ]
+                    }
+                ],
+            }
+        ],
+    }
+    lines = format_routes(config).splitlines()
+    assert lines[0] == "refused: bad.yaml: HTTPRoute 'x': spec.rules: no"
+    assert lines[2].split() == [
+        "HTTPRoute",
+        "default/users",
+        "default/edge",
+        "Accepted",
+        "!BackendNotFound",
+        "default/usersvc/5000*9+INVALID*1",
+    ]
 
 
 def test_proxy_status_with_no_proxies_says_so() -> None:
