@@ -98,7 +98,13 @@ class SdsServer:
         self._reload = asyncio.Event()
         self.ui: LiveHub | None = None
         if settings.ui == "on":
-            self.ui = LiveHub(self.registry, self.proxies, MAX_CLIENTS)
+            self.ui = LiveHub(
+                self.registry,
+                self.proxies,
+                MAX_CLIENTS,
+                translator=self.xds.translator,
+                config_source=self.config_source,
+            )
             routers.append(ui_router(self.ui))
             self._jobs["ui"] = self.ui.run()
         if Source.REGISTRATION.value in settings.source:

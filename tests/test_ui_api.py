@@ -8,17 +8,22 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from envoy.config.core.v3.base_pb2 import Node
 
+from envoymesh.ports import free_port
 from sds.model import Health
-from sds.ui.live import MAX_DELTA_PROXIES, quantile
+from sds.ui.live import MAX_DELTA_PROXIES, ProxyCounts, quantile
 from sds.ui.router import MAX_CLIENTS
+from sds.ui.views import proxy_totals
 from sds.xds.proxies import ProxyTracker
-from tests.conftest import SDS_AUTH, RunningSds, put
+from tests.conftest import SDS_AUTH, RunningSds, gateway_yaml, put
 from tests.xds_client import XdsClient
 
 DEADLINE = 10.0
@@ -79,7 +84,9 @@ async def http(sds: RunningSds) -> AsyncIterator[httpx.AsyncClient]:
 # ----- the page -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/ui", "/ui/services", "/ui/proxies?node=a", "/ui/push"])
+@pytest.mark.parametrize(
+    "path", ["/ui", "/ui/services", "/ui/proxies?node=a", "/ui/routes?filter=edge", "/ui/push"]
+)
 async def test_every_panel_url_serves_the_page_with_a_strict_policy(
     http: httpx.AsyncClient, path: str
 ) -> None:
@@ -204,7 +211,7 @@ async def test_services_are_filtered_by_name_or_address_and_paged(
 async def test_a_bad_page_request_is_a_400_naming_the_field(
     http: httpx.AsyncClient, query: str
 ) -> None:
-    for path in ("/ui/api/services", "/ui/api/proxies"):
+    for path in ("/ui/api/services", "/ui/api/proxies", "/ui/api/routes"):
         response = await http.get(f"{path}?{query}")
         assert response.status_code == 400
         assert query.split("=", maxsplit=1)[0] in response.json()["error"]
@@ -441,3 +448,285 @@ async def test_open_streams_end_when_sds_stops(start_sds: Callable[..., Any]) ->
         with pytest.raises((AssertionError, httpx.HTTPError)):
             await stream.next()
     assert time.monotonic() - started < 5
+
+
+# ----- routes -------------------------------------------------------------------------------
+
+GROUP = "gateway.networking.k8s.io"
+
+
+def http_route(name: str, *backends: tuple[str, int], parent: str = "edge") -> dict[str, Any]:
+    """An HTTPRoute on Gateway ``default/<parent>`` sending ``/name`` to weighted backends."""
+    return {
+        "apiVersion": f"{GROUP}/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"name": parent}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": f"/{name}"}}],
+                    "backendRefs": [
+                        {"name": service, "port": 8080, "weight": weight}
+                        for service, weight in backends
+                    ],
+                }
+            ],
+        },
+    }
+
+
+@dataclass
+class ConfigSds:
+    """An sds over a config directory holding Gateway ``default/edge``."""
+
+    sds: RunningSds
+    directory: Path
+
+    def write(self, name: str, *documents: dict[str, Any]) -> None:
+        """Write one file of the directory atomically."""
+        partial = self.directory / f".{name}.partial"
+        partial.write_text(yaml.safe_dump_all(documents))
+        partial.replace(self.directory / name)
+
+
+@pytest.fixture
+async def config_sds(start_sds: Callable[..., Any], tmp_path: Path) -> ConfigSds:
+    directory = tmp_path / "config"
+    directory.mkdir()
+    (directory / "gateway.yaml").write_text(gateway_yaml(free_port()))
+    sds: RunningSds = await start_sds(config_dir=str(directory), xds_debounce=0.0)
+    return ConfigSds(sds, directory)
+
+
+async def routes_until(
+    sds: RunningSds, found: Callable[[dict[str, Any]], bool], query: str = ""
+) -> dict[str, Any]:
+    """The first ``/ui/api/routes`` answer ``found`` accepts (files are read asynchronously)."""
+    async with asyncio.timeout(DEADLINE), httpx.AsyncClient(base_url=sds.url) as client:
+        while True:
+            page: dict[str, Any] = (await client.get(f"/ui/api/routes{query}")).json()
+            if found(page):
+                return page
+            await asyncio.sleep(0.05)
+
+
+def route_named(page: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((r for r in page["routes"] if r["name"] == name), None)
+
+
+def reasons(route: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    [parent] = route["parents"]
+    return {c["type"]: (c["status"], c["reason"]) for c in parent["conditions"]}
+
+
+async def test_routes_show_the_gateway_its_listener_and_each_rules_weighted_clusters(
+    config_sds: ConfigSds,
+) -> None:
+    put(config_sds.sds, "a", "10.0.0.1:8080")
+    put(config_sds.sds, "b", "10.0.0.2:8080")
+    config_sds.write("route.yaml", http_route("shop", ("a", 3), ("b", 1)))
+    page = await routes_until(config_sds.sds, lambda p: route_named(p, "shop") is not None)
+    [gateway] = page["gateways"]
+    [listener] = gateway["listeners"]
+    route = route_named(page, "shop")
+    assert route is not None
+    assert (gateway["namespace"], gateway["name"]) == ("default", "edge")
+    assert (listener["name"], listener["attached_routes"]) == ("http", 1)
+    assert listener["supported_kinds"] == ["HTTPRoute", "GRPCRoute"]
+    assert reasons(route) == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("True", "ResolvedRefs"),
+    }
+    assert route["failing"] is False
+    assert route["parents"][0]["parent_ref"]["name"] == "edge"
+    assert route["rules"] == [
+        {
+            "index": 0,
+            "backends": [
+                {"cluster": "default/a/8080", "weight": 3},
+                {"cluster": "default/b/8080", "weight": 1},
+            ],
+        }
+    ]
+    assert page["totals"] == {"gateways": 1, "routes": 1, "failing": 0, "problems": 0}
+
+
+async def test_a_route_whose_backend_is_missing_shows_backend_not_found(
+    config_sds: ConfigSds,
+) -> None:
+    config_sds.write("route.yaml", http_route("ghostly", ("ghost", 1)))
+    page = await routes_until(config_sds.sds, lambda p: route_named(p, "ghostly") is not None)
+    route = route_named(page, "ghostly")
+    assert route is not None
+    assert reasons(route)["ResolvedRefs"] == ("False", "BackendNotFound")
+    assert "ghost" in route["parents"][0]["conditions"][1]["message"]
+    assert route["failing"] is True
+    assert route["rules"][0]["backends"] == [{"cluster": None, "weight": 1}]
+    assert page["totals"]["failing"] == 1
+
+
+async def test_a_grpc_route_attached_to_a_service_is_listed_with_its_status(
+    config_sds: ConfigSds,
+) -> None:
+    put(config_sds.sds, "greeter", "10.0.0.3:50051")
+    config_sds.write(
+        "grpc.yaml",
+        {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "greet", "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+                "rules": [{"backendRefs": [{"name": "greeter", "port": 50051}]}],
+            },
+        },
+    )
+    page = await routes_until(
+        config_sds.sds, lambda p: route_named(p, "greet") is not None, "?kind=GRPCRoute"
+    )
+    route = route_named(page, "greet")
+    assert route is not None
+    assert route["kind"] == "GRPCRoute"
+    assert route["parents"][0]["parent_ref"]["kind"] == "Service"
+    assert reasons(route)["Accepted"] == ("True", "Accepted")
+    assert route["rules"][0]["backends"] == [{"cluster": "default/greeter/50051", "weight": 1}]
+
+
+async def test_routes_are_filtered_by_kind_and_name_and_paged(config_sds: ConfigSds) -> None:
+    config_sds.write("routes.yaml", *(http_route(f"r{i}", ("a", 1)) for i in range(5)))
+    await routes_until(config_sds.sds, lambda p: p["total"] == 5)
+    async with httpx.AsyncClient(base_url=config_sds.sds.url) as client:
+        second = (await client.get("/ui/api/routes", params={"offset": 2, "limit": 2})).json()
+        named = (await client.get("/ui/api/routes", params={"filter": "DEFAULT/R3"})).json()
+        by_parent = (await client.get("/ui/api/routes", params={"filter": "default/edge"})).json()
+        grpc = (await client.get("/ui/api/routes", params={"kind": "GRPCRoute"})).json()
+        bad = await client.get("/ui/api/routes", params={"kind": "TCPRoute"})
+    assert [r["name"] for r in second["routes"]] == ["r2", "r3"]
+    assert (second["total"], second["offset"], second["limit"]) == (5, 2, 2)
+    assert [r["name"] for r in named["routes"]] == ["r3"]
+    assert named["gateways_total"] == 0
+    assert (by_parent["total"], by_parent["gateways_total"]) == (5, 1)
+    assert grpc["total"] == 0
+    assert bad.status_code == 400
+    assert "kind" in bad.json()["error"]
+
+
+async def test_a_refused_file_is_listed_with_its_path_and_message(config_sds: ConfigSds) -> None:
+    (config_sds.directory / "broken.yaml").write_text("kind: HTTPRoute\nspec: [unclosed\n")
+    page = await routes_until(config_sds.sds, lambda p: bool(p["problems"]))
+    [problem] = page["problems"]
+    assert problem["file"] == "broken.yaml"
+    assert "does not parse" in problem["message"]
+    assert problem["path"].startswith("line ")
+    assert page["totals"]["problems"] == 1
+
+
+async def test_the_snapshot_carries_route_totals(config_sds: ConfigSds) -> None:
+    await routes_until(config_sds.sds, lambda p: p["totals"]["gateways"] == 1)
+    async with (
+        httpx.AsyncClient(base_url=config_sds.sds.url) as client,
+        client.stream("GET", "/ui/api/events") as response,
+    ):
+        name, snapshot = await Events(response).next()
+    assert name == "snapshot"
+    assert snapshot["routes"] == {"gateways": 1, "routes": 0, "failing": 0, "problems": 0}
+
+
+async def test_writing_a_route_file_is_a_routes_delta(config_sds: ConfigSds) -> None:
+    await routes_until(config_sds.sds, lambda p: p["totals"]["gateways"] == 1)
+    async with events(config_sds.sds) as stream:
+        config_sds.write("route.yaml", http_route("fresh", ("a", 1)))
+        delta = await stream.until(
+            lambda d: d.get("routes", {}).get("totals", {}).get("routes") == 1
+        )
+    assert delta["routes"]["reload"] is True
+
+
+async def test_a_backend_appearing_is_a_routes_delta_that_resolves_the_route(
+    config_sds: ConfigSds,
+) -> None:
+    config_sds.write("route.yaml", http_route("waiting", ("late", 1)))
+    await routes_until(config_sds.sds, lambda p: p["totals"]["failing"] == 1)
+    async with events(config_sds.sds) as stream:
+        put(config_sds.sds, "late", "10.0.0.9:8080")
+        delta = await stream.until(lambda d: "routes" in d)
+    assert delta["routes"]["totals"]["failing"] == 0
+    page = await routes_until(config_sds.sds, lambda p: True)
+    route = route_named(page, "waiting")
+    assert route is not None
+    assert reasons(route)["ResolvedRefs"] == ("True", "ResolvedRefs")
+
+
+async def test_a_refused_file_is_a_routes_delta(config_sds: ConfigSds) -> None:
+    await routes_until(config_sds.sds, lambda p: p["totals"]["gateways"] == 1)
+    async with events(config_sds.sds) as stream:
+        (config_sds.directory / "broken.yaml").write_text("{nope")
+        delta = await stream.until(lambda d: "routes" in d)
+    assert delta["routes"]["totals"]["problems"] == 1
+
+
+# ----- ten thousand proxies -----------------------------------------------------------------
+
+FLEET = 10_000
+
+
+def fleet(tracker: ProxyTracker) -> list[Any]:
+    """FLEET connected statuses: every third one has an ACKed push (SYNCED)."""
+    statuses = []
+    for i in range(FLEET):
+        status = tracker.connect(Node(id=f"proxy-{i}", cluster="fleet"), "sotw", "ads")
+        if i % 3 == 0:
+            status.last_version_sent = status.last_version_acked = "v1"
+        statuses.append(status)
+    return statuses
+
+
+async def test_ten_thousand_proxies_are_paged_with_exact_totals(sds: RunningSds) -> None:
+    fleet(sds.server.proxies)
+    async with httpx.AsyncClient(base_url=sds.url) as client:
+        page = (await client.get("/ui/api/proxies", params={"offset": 9_990, "limit": 50})).json()
+        synced = (await client.get("/ui/api/proxies", params={"state": "SYNCED"})).json()
+    assert (page["total"], len(page["proxies"])) == (FLEET, 10)
+    assert page["proxies"][-1]["node_id"] == f"proxy-{FLEET - 1}"
+    assert (synced["total"], len(synced["proxies"])) == (3_334, 50)
+    assert page["totals"]["by_state"] == {"SYNCED": 3_334, "STALE": 6_666, "NACKED": 0}
+
+
+async def test_one_proxy_changing_among_ten_thousand_is_a_delta_of_one(sds: RunningSds) -> None:
+    statuses = fleet(sds.server.proxies)
+    async with events(sds) as stream:
+        changing = statuses[1]
+        changing.last_version_sent = changing.last_version_acked = "v2"
+        sds.server.proxies.touch(changing)
+        delta = await stream.until(lambda d: "proxies" in d)
+    [proxy] = delta["proxies"]["changed"]
+    assert proxy["node_id"] == "proxy-1"
+    assert delta["proxies"]["removed"] == []
+    assert delta["proxies"]["totals"]["by_state"] == {"SYNCED": 3_335, "STALE": 6_665, "NACKED": 0}
+    assert len(json.dumps(delta)) < 5_000
+
+
+def test_proxy_counters_agree_with_a_recount_and_cost_less(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tracker = ProxyTracker()
+    statuses = fleet(tracker)
+    counts = ProxyCounts()
+    counts.recount(tracker.all())
+    started = time.perf_counter()
+    for status in statuses[:100]:
+        status.last_version_sent = "v9"
+        counts.update(status.id, status)
+    tracker.disconnect(statuses[-1])
+    counts.update(statuses[-1].id, None)
+    counted = time.perf_counter() - started
+    started = time.perf_counter()
+    recounted = proxy_totals(tracker.all())
+    walked = time.perf_counter() - started
+    assert counts.totals() == recounted
+    with capsys.disabled():
+        print(
+            f"\n{FLEET} proxies: 101 changes through counters {counted * 1e3:.2f} ms;"
+            f" one recount over every proxy (what each delta did) {walked * 1e3:.2f} ms"
+        )

@@ -5,7 +5,11 @@ proxy tracker's (which records nothing while nobody watches) or a new push-path 
 changes gather for :data:`COALESCE` seconds, and serialises one delta for every client. A
 delta carries what changed (services by name, proxies by id) with their new views; when more
 changed than :data:`MAX_DELTA_SERVICES` / :data:`MAX_DELTA_PROXIES`, it says "reload" for that
-panel instead, so no event grows with the mesh.
+panel instead, so no event grows with the mesh. Routes always say "reload" (with new totals)
+when the config, a Gateway's binding, a Service-attached route's status or the refused files
+moved: a route's view depends on Services and other routes, so the page asks for its page
+again. Proxy totals are kept as counters updated from the changed proxies, not recounted
+over every proxy for each delta.
 
 Stream format (``text/event-stream``): ``event: snapshot`` first (totals, the push history,
 the current ``seq``), then ``event: delta`` frames numbered by ``seq``, and a ``: ping``
@@ -20,7 +24,8 @@ import contextlib
 import json
 import math
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +33,11 @@ from pydantic import BaseModel, Field
 
 from sds import metrics
 from sds.registry import Registry
+from sds.sources.config_dir import ConfigDirSource, ConfigProblem
+from sds.translate.translator import Translator
 from sds.ui import views
-from sds.xds.proxies import ProxyTracker
+from sds.ui.routes import RoutesWatch, route_totals
+from sds.xds.proxies import ProxyStatus, ProxyTracker
 
 COALESCE = 0.25
 HEARTBEAT = 15.0
@@ -38,6 +46,9 @@ MAX_DELTA_PROXIES = 200
 QUEUE_FRAMES = 64
 SAMPLE_INTERVAL = 1.0
 HISTORY = 300  # samples kept: five minutes
+# Seconds between full recounts of the proxy totals: REST pollers evicted past their cap
+# leave without a touch, so the counters are checked against the tracker now and then.
+RECOUNT_INTERVAL = 60.0
 PING = b": ping\n\n"
 
 
@@ -174,12 +185,60 @@ class Subscriber:
         return data
 
 
+class ProxyCounts:
+    """Proxies per state and per transport, kept current from the proxies that changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[str, str]] = {}
+        self._states: Counter[str] = Counter()
+        self._transports: Counter[str] = Counter()
+        self.counted_at = 0.0
+
+    def recount(self, statuses: Iterable[ProxyStatus]) -> None:
+        """Start again from every proxy there is (one pass)."""
+        self._known = {s.id: (s.state, s.transport) for s in statuses}
+        self._states = Counter(state for state, _ in self._known.values())
+        self._transports = Counter(transport for _, transport in self._known.values())
+        self.counted_at = time.monotonic()
+
+    def update(self, status_id: int, status: ProxyStatus | None) -> None:
+        """One proxy changed (None: it is gone)."""
+        old = self._known.pop(status_id, None)
+        if old is not None:
+            self._states[old[0]] -= 1
+            self._transports[old[1]] -= 1
+        if status is not None:
+            self._known[status_id] = (status.state, status.transport)
+            self._states[status.state] += 1
+            self._transports[status.transport] += 1
+
+    def totals(self) -> views.ProxyTotals:
+        """The counts, as the pages show them."""
+        return views.ProxyTotals(
+            proxies=len(self._known),
+            by_state={s: self._states.get(s, 0) for s in views.PROXY_STATES},
+            by_transport={t: n for t, n in sorted(self._transports.items()) if n > 0},
+        )
+
+
 class LiveHub:
     """Every open stream, and the job that feeds them."""
 
-    def __init__(self, registry: Registry, tracker: ProxyTracker, max_clients: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        tracker: ProxyTracker,
+        max_clients: int,
+        *,
+        translator: Translator,
+        config_source: ConfigDirSource | None = None,
+    ) -> None:
         self.registry = registry
         self.tracker = tracker
+        self.translator = translator
+        self.config_source = config_source
+        self.proxy_counts = ProxyCounts()
+        self._routes = RoutesWatch(translator)
         self.sampler = PushSampler()
         self.max_clients = max_clients
         self.seq = 0
@@ -194,6 +253,10 @@ class LiveHub:
         """Open streams."""
         return len(self._subscribers)
 
+    def problems(self) -> list[ConfigProblem]:
+        """The refused files of the config directory (none without one)."""
+        return self.config_source.problems if self.config_source is not None else []
+
     def subscribe(self) -> tuple[Subscriber, bytes] | None:
         """A new stream and its snapshot frame; None when at the cap or stopping."""
         if self._closing or len(self._subscribers) >= self.max_clients:
@@ -201,13 +264,17 @@ class LiveHub:
         if not self._subscribers:
             self.tracker.watch(True)
             self._revision = self.registry.revision
+            # Nothing was recorded while nobody watched: count from scratch, once.
+            self.proxy_counts.recount(self.tracker.all())
+            self._routes.changed(self.problems())
         subscriber = Subscriber()
         self._subscribers.add(subscriber)
         self._wake.set()
         snapshot = {
             "seq": self.seq,
             "services": views.service_totals(self.registry).model_dump(),
-            "proxies": views.proxy_totals(self.tracker.all()).model_dump(),
+            "proxies": self.proxy_counts.totals().model_dump(),
+            "routes": route_totals(self.translator, self.problems()).model_dump(),
             "push": self.sampler.history().model_dump(),
         }
         return subscriber, b"retry: 1000\n" + frame("snapshot", self.seq, snapshot)
@@ -287,16 +354,31 @@ class LiveHub:
         if "services" in data:
             data["services"]["totals"] = views.service_totals(self.registry).model_dump()
         touched = self.tracker.take_touched()
+        counts = self.proxy_counts
         if len(touched) > MAX_DELTA_PROXIES:
             data["proxies"] = {"reload": True}
+            counts.recount(self.tracker.all())
         elif touched:
             found = {i: self.tracker.get(i) for i in sorted(touched)}
+            for status_id, status in found.items():
+                counts.update(status_id, status)
             data["proxies"] = {
                 "changed": [views.proxy_view(s).model_dump() for s in found.values() if s],
                 "removed": [i for i, s in found.items() if s is None],
             }
+        if time.monotonic() - counts.counted_at > RECOUNT_INTERVAL:
+            before = counts.totals()
+            counts.recount(self.tracker.all())
+            if "proxies" not in data and counts.totals() != before:
+                data["proxies"] = {"changed": [], "removed": []}
         if "proxies" in data:
-            data["proxies"]["totals"] = views.proxy_totals(self.tracker.all()).model_dump()
+            data["proxies"]["totals"] = counts.totals().model_dump()
+        problems = self.problems()
+        if self._routes.changed(problems):
+            data["routes"] = {
+                "reload": True,
+                "totals": route_totals(self.translator, problems).model_dump(),
+            }
         if self._pending_samples:
             data["push"] = [s.model_dump() for s in self._pending_samples]
             self._pending_samples = []

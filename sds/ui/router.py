@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from sds.api.openapi import ErrorBody
 from sds.errors import ApiError
-from sds.ui import views
+from sds.ui import routes, views
 from sds.ui.live import HEARTBEAT, PING, LiveHub, PushHistory, Subscriber
 
 # No inline script or style, no eval, nothing from elsewhere: data can never become code.
@@ -28,7 +28,7 @@ SECURITY_HEADERS = {
     "x-frame-options": "DENY",
 }
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-PANELS = ("services", "proxies", "push")
+PANELS = ("services", "proxies", "routes", "push")
 # Open event streams at most; each costs a little memory and a write per delta.
 MAX_CLIENTS = 32
 
@@ -174,6 +174,32 @@ def ui_router(hub: LiveHub) -> APIRouter:
         )
 
     @router.get(
+        "/ui/api/routes",
+        summary="Gateways, one page of the HTTPRoutes and GRPCRoutes, and refused config files",
+        description="Routes show, per parent (a Gateway or a Service), the Accepted and "
+        "ResolvedRefs conditions with their reasons, and per rule the clusters it sends to with "
+        "their weights (a null cluster is an invalid backend, answered with 500), as "
+        "`/debug/config` does. `filter` matches a route's or a parent's `namespace/name` and a "
+        "Gateway's; refused files are listed whatever the filter.",
+        response_model=routes.RoutesPage,
+    )
+    async def routes_(
+        filter: Filter = "",
+        kind: Literal["HTTPRoute", "GRPCRoute"] | None = None,
+        offset: Offset = 0,
+        limit: Limit = 50,
+    ) -> routes.RoutesPage:
+        return routes.routes_page(
+            hub.translator,
+            hub.problems(),
+            hub.seq,
+            text=filter,
+            kind=kind,
+            offset=offset,
+            limit=limit,
+        )
+
+    @router.get(
         "/ui/api/push",
         summary="Pushes per second and convergence (p50, p99) over the last five minutes",
         response_model=PushHistory,
@@ -183,7 +209,7 @@ def ui_router(hub: LiveHub) -> APIRouter:
 
     @router.get(
         "/ui/api/events",
-        summary="Server-Sent Events: a snapshot, then deltas of services, proxies and pushes",
+        summary="Server-Sent Events: a snapshot, then deltas of services, proxies, routes, pushes",
         response_class=EventStream,
         status_code=200,
         responses={200: {"content": {"text/event-stream": {}}}, **_BUSY},
