@@ -178,7 +178,7 @@ async def mesh_is_whole(mesh: Mesh) -> bool:
     if proxy is None:
         return False
     try:
-        hosts = (await proxy.clusters()).get("usersvc", [])
+        hosts = (await proxy.clusters()).get(mesh.usersvc_cluster, [])
     except httpx.HTTPError:
         return False
     want = {(r.at.address, r.at.sidecar_port) for r in mesh.replicas.values()}
@@ -238,7 +238,7 @@ async def _watch_edge_hosts(mesh: Mesh, fewest: list[int]) -> None:
         proxy = mesh.edge.proxy
         if proxy is not None and proxy.process.running():
             with contextlib.suppress(httpx.HTTPError):
-                hosts = (await proxy.clusters()).get("usersvc", [])
+                hosts = (await proxy.clusters()).get(mesh.usersvc_cluster, [])
                 fewest.append(sum(1 for h in hosts if h.serving))
         await asyncio.sleep(0.1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 from envoymesh.envoyconf import render
 from envoymesh.ports import free_port, free_port_block
@@ -25,6 +27,7 @@ from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.addresses import ReplicaAddress, loopback_aliases_work, replica_address
 from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres, PostgresError
+from sds.bootstrap import envoy_bootstrap
 
 # A component that keeps dying is restarted at most this often.
 RESTART_MIN_INTERVAL = 2.0
@@ -51,7 +54,10 @@ class MeshSettings:
     # warm-up (2.5x) from it. Short, so a killed replica leaves the mesh within 15 s.
     heartbeat_interval: float = 5.0
     drain_seconds: float = 1.0
-    edge: str = "ads"  # or "rest": how the edge reaches sds
+    # How the edge gets its configuration: "gateway" (everything from sds: a Gateway and an
+    # HTTPRoute in sds's config directory, through an `sds bootstrap` bootstrap), or the
+    # tutorial's static edge with EDS from sds over "ads" or "rest".
+    edge: str = "gateway"
     say: Callable[[str], None] = field(default=print)
 
 
@@ -250,6 +256,10 @@ class Mesh:
         self.write_token_file = self.run_dir / "sds-write-token"
         self.edge_url = f"http://127.0.0.1:{settings.edge_port}"
         self.replicas: dict[int, Replica] = {}
+        # The Gateway edge names a Service port, the same on every replica: that needs each
+        # replica on an address of its own (Linux). Elsewhere the static EDS edge serves.
+        self.edge_kind = settings.edge if settings.edge != "gateway" or self._aliases else "ads"
+        self.config_dir = self.run_dir / "config"
         self.heartbeat_interval = settings.heartbeat_interval
         self._lock = asyncio.Lock()
         logs = self.run_dir / "logs"
@@ -277,6 +287,8 @@ class Mesh:
                     str(settings.heartbeat_interval),
                     # Every replica lives on a loopback address.
                     "--allow-loopback",
+                    "--config-dir",
+                    str(self.config_dir),
                 ],
                 log_path=logs / "sds.log",
                 env={"SDS_WRITE_TOKEN": self.write_token},
@@ -302,8 +314,69 @@ class Mesh:
         with os.fdopen(fd, "w") as out:
             out.write(self.write_token + "\n")
 
+    @property
+    def usersvc_cluster(self) -> str:
+        """The edge's cluster of usersvc replicas (as Envoy's admin API names it)."""
+        if self.edge_kind == "gateway":
+            return f"default/usersvc/{self.settings.sidecar_port}"
+        return "usersvc"
+
+    def write_config(self) -> None:
+        """sds's config directory: the edge Gateway, the usersvc Service and its route."""
+        s = self.settings
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        documents = {
+            "gateway.yaml": {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "edge", "namespace": "default"},
+                "spec": {
+                    "gatewayClassName": "envoymesh",
+                    "addresses": [{"type": "IPAddress", "value": "127.0.0.1"}],
+                    "listeners": [{"name": "http", "port": s.edge_port, "protocol": "HTTP"}],
+                },
+            },
+            # The replicas register their sidecars, which speak HTTP/2 to the edge.
+            "usersvc-service.yaml": {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "usersvc", "namespace": "default"},
+                "spec": {
+                    "ports": [
+                        {"name": "http", "port": s.sidecar_port, "appProtocol": "kubernetes.io/h2c"}
+                    ]
+                },
+            },
+            "usersvc-route.yaml": {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "usersvc", "namespace": "default"},
+                "spec": {
+                    "parentRefs": [{"name": "edge"}],
+                    "rules": [
+                        {
+                            "matches": [{"path": {"type": "PathPrefix", "value": "/user"}}],
+                            "backendRefs": [{"name": "usersvc", "port": s.sidecar_port}],
+                        }
+                    ],
+                },
+            },
+        }
+        for name, document in documents.items():
+            path = self.config_dir / name
+            if not path.exists():  # the owner's edits to a running mesh's routes stay
+                path.write_text(yaml.safe_dump(document, sort_keys=False))
+
     def _edge_config(self) -> str:
         s = self.settings
+        if self.edge_kind == "gateway":
+            bootstrap = envoy_bootstrap(
+                "default/edge",
+                f"127.0.0.1:{s.sds_grpc_port}",
+                node_id="edge",
+                admin_port=s.edge_admin_port,
+            )
+            return json.dumps(bootstrap, indent=2)
         values: dict[str, object] = {
             "NODE_ID": "edge",
             "LISTEN_ADDRESS": "127.0.0.1",
@@ -316,7 +389,7 @@ class Mesh:
             "ADS_API_TYPE": "GRPC",
             "REFRESH_DELAY": "1s",
         }
-        return render("edge-eds-rest" if s.edge == "rest" else "edge-eds", values)
+        return render("edge-eds-rest" if self.edge_kind == "rest" else "edge-eds", values)
 
     def _address(self, index: int) -> ReplicaAddress:
         s = self.settings
@@ -338,6 +411,8 @@ class Mesh:
             say(f"  starting PostgreSQL ({self.postgres.bindir}) ...")
             await self.postgres.start()
             self.database_url = self.postgres.url
+        if self.edge_kind == "gateway":
+            self.write_config()
         say("  starting sds ...")
         await asyncio.to_thread(self._save_write_token)
         await self.sds.start()
@@ -377,7 +452,7 @@ class Mesh:
                 proxy = self.edge.proxy
                 if proxy is not None:
                     with contextlib.suppress(httpx.HTTPError):
-                        hosts = (await proxy.clusters()).get("usersvc", [])
+                        hosts = (await proxy.clusters()).get(self.usersvc_cluster, [])
                         if {(h.address, h.port) for h in hosts if h.serving} == want:
                             return
                 await asyncio.sleep(0.05)

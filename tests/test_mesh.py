@@ -103,7 +103,7 @@ async def test_killed_replica_is_ejected_after_a_bounded_number_of_failures(
                 failures += 1
         assert failures <= 3
         hosts = await mesh.edge.proxy.clusters() if mesh.edge.proxy else {}
-        [dead] = [h for h in hosts["usersvc"] if h.address == victim.at.address]
+        [dead] = [h for h in hosts[mesh.usersvc_cluster] if h.address == victim.at.address]
         assert dead.ejected
         statuses = [(await client.get("/user/health")).status_code for _ in range(30)]
     assert statuses == [200] * 30

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 async def edge_counter(mesh: Mesh, name: str) -> int:
-    """One counter of the edge Envoy (``cluster.usersvc.<name>``)."""
+    """One counter of the edge Envoy's usersvc cluster (``cluster.<cluster>.<name>``)."""
     assert mesh.edge.proxy is not None
-    stat = f"cluster.usersvc.{name}"
+    stat = f"cluster.{mesh.usersvc_cluster}.{name}"
     async with httpx.AsyncClient() as client:
         response = await client.get(
             f"{mesh.edge.proxy.admin_url}/stats",
@@ -106,7 +106,7 @@ async def test_through_the_edge_a_client_cannot_forge_its_way_past_the_login_lim
 
 async def serving_hosts(mesh: Mesh) -> set[str]:
     assert mesh.edge.proxy is not None
-    hosts = (await mesh.edge.proxy.clusters()).get("usersvc", [])
+    hosts = (await mesh.edge.proxy.clusters()).get(mesh.usersvc_cluster, [])
     return {h.address for h in hosts if h.serving}
 
 

@@ -35,10 +35,16 @@ _REDIRECT_CODES = {
 }
 _DURATION = re.compile(r"([0-9]+)(h|ms|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-# Requests that never reached a backend (no connection, refused stream) are safe to retry
-# on another host for every method; nothing else is retried.
+# Requests that never reached a backend are safe to retry on another host for every method:
+# no connection, a refused stream, or an envoymesh sidecar's answer that it could not reach
+# its app (it marks that answer x-envoymesh-unreachable). Idempotent methods are retried
+# after a reset too (a replica that died mid-request). Answers of the app itself, 503s
+# included, are never retried: when backends shed load, retries would multiply it.
+UNREACHABLE_HEADER = "x-envoymesh-unreachable"
+IDEMPOTENT_METHODS = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 _RETRY_JSON = {
-    "retry_on": "connect-failure,refused-stream",
+    "retry_on": "connect-failure,refused-stream,retriable-headers",
+    "retriable_headers": [{"name": UNREACHABLE_HEADER, "present_match": True}],
     "num_retries": 3,
     "retry_host_predicate": [
         {
@@ -51,6 +57,14 @@ _RETRY_JSON = {
     ],
 }
 _RETRY = json_format.ParseDict(_RETRY_JSON, route_components_pb2.RetryPolicy())
+_RETRY_IDEMPOTENT = json_format.ParseDict(
+    {**_RETRY_JSON, "retry_on": f"{_RETRY_JSON['retry_on']},reset"},
+    route_components_pb2.RetryPolicy(),
+)
+_IDEMPOTENT_MATCH = route_components_pb2.HeaderMatcher(
+    name=":method", string_match={"safe_regex": {"regex": "|".join(IDEMPOTENT_METHODS)}}
+)
+_split: Lru[BoundRule, tuple[route_components_pb2.Route, ...]] = Lru(100_000)
 _built: Lru[tuple[BoundRule, bool], route_components_pb2.Route] = Lru(100_000)
 
 
@@ -233,6 +247,36 @@ def envoy_route(bound: BoundRule, proxyless: bool = False) -> route_components_p
     return built
 
 
+def envoy_routes(
+    bound: BoundRule, proxyless: bool = False
+) -> tuple[route_components_pb2.Route, ...]:
+    """The Envoy routes of one bound rule: for Envoy, idempotent methods get their own copy
+    that retries resets too (a retry policy cannot depend on the method)."""
+    route = envoy_route(bound, proxyless)
+    if proxyless or not route.route.HasField("retry_policy"):
+        return (route,)
+    cached = _split.get(bound)
+    if cached is not None:
+        return cached
+    method = bound.match.method
+    if method is not None:
+        if method in IDEMPOTENT_METHODS:
+            only = route_components_pb2.Route()
+            only.CopyFrom(route)
+            only.route.retry_policy.CopyFrom(_RETRY_IDEMPOTENT)
+            split: tuple[route_components_pb2.Route, ...] = (only,)
+        else:
+            split = (route,)
+    else:
+        idempotent = route_components_pb2.Route()
+        idempotent.CopyFrom(route)
+        idempotent.match.headers.append(_IDEMPOTENT_MATCH)
+        idempotent.route.retry_policy.CopyFrom(_RETRY_IDEMPOTENT)
+        split = (idempotent, route)
+    _split.put(bound, split)
+    return split
+
+
 def domains(hostname: str) -> list[str]:
     """Envoy domains for a hostname: the port in Host is ignored."""
     if hostname == "*":
@@ -245,7 +289,7 @@ def route_configuration(name: str, port: PortPlan, proxyless: bool = False) -> R
     virtual_hosts = []
     refs: set[str] = set()
     for host in port.virtual_hosts:
-        routes = [envoy_route(bound, proxyless) for bound in host.rules]
+        routes = [r for bound in host.rules for r in envoy_routes(bound, proxyless)]
         for bound in host.rules:
             if bound.rule.filters.redirect is None:
                 refs.update(t.cluster.name for t in bound.targets if t.cluster and t.weight)
@@ -254,7 +298,12 @@ def route_configuration(name: str, port: PortPlan, proxyless: bool = False) -> R
                 name=host.hostname, domains=domains(host.hostname), routes=routes
             )
         )
-    message = route_pb2.RouteConfiguration(name=name, virtual_hosts=virtual_hosts)
+    message = route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=virtual_hosts,
+        # Internal to the mesh (see the retries); clients need not see it.
+        response_headers_to_remove=[] if proxyless else [UNREACHABLE_HEADER],
+    )
     return pack(name, message, frozenset(refs))
 
 
