@@ -552,6 +552,16 @@ async def test_routes_show_the_gateway_its_listener_and_each_rules_weighted_clus
     assert page["totals"] == {"gateways": 1, "routes": 1, "failing": 0, "problems": 0}
 
 
+async def test_a_listener_without_conflicts_is_healthy_though_conflicted_is_false(
+    config_sds: ConfigSds,
+) -> None:
+    page = await routes_until(config_sds.sds, lambda p: bool(p["gateways"]))
+    [listener] = page["gateways"][0]["listeners"]
+    by_type = {c["type"]: (c["status"], c["healthy"]) for c in listener["conditions"]}
+    assert by_type["Conflicted"] == ("False", True)
+    assert by_type["Accepted"] == ("True", True)
+
+
 async def test_a_route_whose_backend_is_missing_shows_backend_not_found(
     config_sds: ConfigSds,
 ) -> None:

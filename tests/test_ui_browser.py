@@ -11,15 +11,17 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from envoymesh.ports import free_port
 from meshctl.envoy import EnvoyProxy
 from sds.model import Endpoint, Health, Source
-from tests.conftest import ROOT, SDS_AUTH, RunningSds
+from tests.conftest import ROOT, SDS_AUTH, RunningSds, gateway_yaml, put
 from tests.test_xds_envoy import edge_config
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -103,17 +105,61 @@ async def page(browser: Any) -> AsyncIterator[Watched]:
         await context.close()
 
 
+def http_route(name: str, *backends: tuple[str, int]) -> str:
+    """An HTTPRoute on Gateway ``default/edge`` sending ``/name`` to weighted backends."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"name": "edge"}],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": f"/{name}"}}],
+                        "backendRefs": [
+                            {"name": service, "port": 9001, "weight": weight}
+                            for service, weight in backends
+                        ],
+                    }
+                ],
+            },
+        }
+    )
+
+
+def config_dir(tmp_path: Path) -> Path:
+    """Gateway ``default/edge``, route ``shop`` (to usersvc and payments, weighted) and
+    ``legacy`` (to a Service that does not exist)."""
+    directory = tmp_path / "config"
+    directory.mkdir()
+    (directory / "gateway.yaml").write_text(gateway_yaml(free_port()))
+    (directory / "shop.yaml").write_text(http_route("shop", ("usersvc", 3), ("payments", 1)))
+    (directory / "legacy.yaml").write_text(http_route("legacy", ("ghost", 1)))
+    return directory
+
+
+def write(directory: Path, name: str, text: str) -> None:
+    """Write one config file atomically (never read half written)."""
+    partial = directory / f".{name}.partial"
+    partial.write_text(text)
+    partial.replace(directory / name)
+
+
 @dataclass
 class Mesh:
-    """An sds with two real Envoys (SotW and delta ADS) following ``usersvc.default``."""
+    """An sds with two real Envoys (SotW and delta ADS) following ``usersvc.default``, and a
+    config directory with a Gateway and two routes."""
 
     sds: RunningSds
     edges: list[EnvoyProxy]
 
 
 @pytest.fixture
-async def mesh(start_sds: Callable[..., Any], start_envoy: Callable[..., Any]) -> Mesh:
-    sds: RunningSds = await start_sds(xds_debounce=0.0)
+async def mesh(
+    start_sds: Callable[..., Any], start_envoy: Callable[..., Any], tmp_path: Path
+) -> Mesh:
+    sds: RunningSds = await start_sds(xds_debounce=0.0, config_dir=str(config_dir(tmp_path)))
     sds.registry.replace(
         Source.KUBERNETES,
         "usersvc.default",
@@ -121,6 +167,11 @@ async def mesh(start_sds: Callable[..., Any], start_envoy: Callable[..., Any]) -
             Endpoint("127.0.0.1", 9001, Source.KUBERNETES, zone="zone-a"),
             Endpoint("127.0.0.1", 9002, Source.KUBERNETES, zone="zone-b", weight=3),
         ],
+    )
+    sds.registry.replace(
+        Source.KUBERNETES,
+        "payments.default",
+        [Endpoint("127.0.0.1", 9004, Source.KUBERNETES, zone="zone-a")],
     )
     edges = []
     for variant in ("ads", "ads-delta"):
@@ -257,4 +308,109 @@ async def test_a_panel_url_opens_the_same_view(page: Watched, mesh: Mesh) -> Non
     await proxy_row(page, "edge-ads-delta", "SYNCED").wait_for(timeout=DEADLINE_MS)
     assert await page.page.locator("tr[data-node]").count() == 1
     assert await page.page.locator('[data-panel="services"]').is_hidden()
+    page.assert_quiet()
+
+
+# ----- routes (no Envoy needed: statuses come from the config directory) --------------------
+
+
+@dataclass
+class Routes:
+    """An sds over a config directory (see :func:`config_dir`)."""
+
+    sds: RunningSds
+    directory: Path
+
+
+@pytest.fixture
+async def routes(start_sds: Callable[..., Any], tmp_path: Path) -> Routes:
+    directory = config_dir(tmp_path)
+    sds: RunningSds = await start_sds(xds_debounce=0.0, config_dir=str(directory))
+    put(sds, "usersvc", "127.0.0.1:9001")
+    put(sds, "payments", "127.0.0.1:9001")
+    return Routes(sds, directory)
+
+
+def route_row(watched: Watched, name: str) -> Any:
+    return watched.page.locator(f'tr[data-route="default/{name}"]')
+
+
+async def test_the_routes_panel_shows_gateways_conditions_and_weighted_clusters(
+    page: Watched, routes: Routes
+) -> None:
+    await open_ui(page, routes.sds, "/ui/routes")
+    listener = page.page.locator('[data-gateway="default/edge"] tr[data-listener="http"]')
+    await listener.wait_for(timeout=DEADLINE_MS)
+    shop = route_row(page, "shop")
+    await shop.locator('[data-condition="Accepted"][data-status="True"]').wait_for(
+        timeout=DEADLINE_MS
+    )
+    assert await listener.locator("[data-attached]").inner_text() == "2"
+    assert await shop.locator('[data-cluster="default/usersvc/9001"][data-weight="3"]').count() == 1
+    assert (
+        await shop.locator('[data-cluster="default/payments/9001"][data-weight="1"]').count() == 1
+    )
+    assert await page.page.locator('[data-panel="services"]').is_hidden()
+    page.assert_quiet()
+
+
+async def test_a_route_written_to_the_config_dir_appears_without_a_reload(
+    page: Watched, routes: Routes
+) -> None:
+    await open_ui(page, routes.sds, "/ui/routes")
+    await route_row(page, "shop").wait_for(timeout=DEADLINE_MS)
+    write(routes.directory, "fresh.yaml", http_route("fresh", ("usersvc", 1)))
+    fresh = route_row(page, "fresh")
+    await fresh.locator('[data-condition="ResolvedRefs"][data-status="True"]').wait_for(
+        timeout=DEADLINE_MS
+    )
+    assert await fresh.locator('[data-cluster="default/usersvc/9001"]').count() == 1
+    assert "3 routes" in await page.page.locator('[data-total="routes"]').inner_text()
+    await assert_not_reloaded(page)
+    page.assert_quiet()
+
+
+async def test_a_route_whose_backend_is_missing_shows_backend_not_found(
+    page: Watched, routes: Routes
+) -> None:
+    await open_ui(page, routes.sds, "/ui/routes?filter=legacy")
+    legacy = route_row(page, "legacy")
+    failing = legacy.locator('[data-condition="ResolvedRefs"][data-reason="BackendNotFound"]')
+    await failing.wait_for(timeout=DEADLINE_MS)
+    assert await failing.get_attribute("data-status") == "False"
+    assert "ghost" in await failing.inner_text()
+    assert await legacy.locator(".backend.invalid").count() == 1
+    assert await legacy.get_attribute("data-failing") == "true"
+    assert await route_row(page, "shop").count() == 0
+    page.assert_quiet()
+
+
+async def test_a_backend_appearing_resolves_the_route_without_a_reload(
+    page: Watched, routes: Routes
+) -> None:
+    await open_ui(page, routes.sds, "/ui/routes?filter=legacy")
+    legacy = route_row(page, "legacy")
+    await legacy.locator('[data-reason="BackendNotFound"]').wait_for(timeout=DEADLINE_MS)
+    put(routes.sds, "ghost", "127.0.0.1:9001")
+    resolved = legacy.locator('[data-condition="ResolvedRefs"][data-status="True"]')
+    await resolved.wait_for(timeout=DEADLINE_MS)
+    assert await legacy.locator('[data-cluster="default/ghost/9001"]').count() == 1
+    await assert_not_reloaded(page)
+    page.assert_quiet()
+
+
+async def test_a_refused_file_named_with_html_renders_as_text_and_runs_nothing(
+    page: Watched, routes: Routes
+) -> None:
+    await open_ui(page, routes.sds, "/ui/routes")
+    await route_row(page, "shop").wait_for(timeout=DEADLINE_MS)
+    write(routes.directory, f"{SCRIPT_TAG}.yaml", "kind: HTTPRoute\nspec: [unclosed\n")
+    problem = page.page.locator(".problems li")
+    await problem.wait_for(timeout=DEADLINE_MS)
+    text = await problem.inner_text()
+    assert f"{SCRIPT_TAG}.yaml" in text
+    assert "does not parse" in text
+    assert await page.page.locator("img").count() == 0
+    assert "1 refused" in await page.page.locator('[data-total="routes"]').inner_text()
+    await assert_not_reloaded(page)
     page.assert_quiet()

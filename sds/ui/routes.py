@@ -24,6 +24,8 @@ MAX_CLUSTERS_SHOWN = 50
 MAX_PROBLEMS_SHOWN = 50
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 CONTROLLER = "envoymesh.io/gateway-controller"
+# Condition types whose True is the abnormal state (Gateway API's "negative polarity").
+ABNORMAL_WHEN_TRUE = frozenset({"Conflicted", "Detached", "PartiallyInvalid"})
 
 
 class ConditionView(BaseModel):
@@ -34,6 +36,9 @@ class ConditionView(BaseModel):
     reason: str = Field(description="for example BackendNotFound, NoMatchingParent")
     message: str
     observed_generation: int
+    healthy: bool = Field(
+        description="the normal state: True, or False for Conflicted, Detached, PartiallyInvalid"
+    )
 
 
 class ListenerView(BaseModel):
@@ -96,7 +101,7 @@ class RouteView(BaseModel):
     namespace: str
     name: str
     generation: int
-    failing: bool = Field(description="a condition of some parent is False")
+    failing: bool = Field(description="a condition of some parent is not in its normal state")
     parents: list[ParentView]
     rules: list[RuleView]
 
@@ -114,7 +119,7 @@ class RouteTotals(BaseModel):
 
     gateways: int
     routes: int
-    failing: int = Field(description="routes with a False condition under some parent")
+    failing: int = Field(description="routes with a condition not in its normal state")
     problems: int = Field(description="problems of refused config files")
 
 
@@ -136,6 +141,10 @@ class RoutesPage(BaseModel):
     totals: RouteTotals
 
 
+def _healthy(condition: Condition) -> bool:
+    return condition.status != (condition.type in ABNORMAL_WHEN_TRUE)
+
+
 def _conditions(conditions: Iterable[Condition], generation: int) -> list[ConditionView]:
     return [
         ConditionView(
@@ -144,6 +153,7 @@ def _conditions(conditions: Iterable[Condition], generation: int) -> list[Condit
             reason=c.reason,
             message=c.message,
             observed_generation=generation,
+            healthy=_healthy(c),
         )
         for c in conditions
     ]
@@ -188,7 +198,7 @@ def _bound_targets(
 
 
 def _failing(statuses: Iterable[ParentStatus]) -> bool:
-    return any(not c.status for s in statuses for c in s.conditions)
+    return any(not _healthy(c) for s in statuses for c in s.conditions)
 
 
 def _parent_view(status: ParentStatus, generation: int) -> ParentView:

@@ -6,7 +6,7 @@ const PAGE_SIZE = 50;
 const REFETCH_DELAY_MS = 300;
 
 // One entry per paged panel: its JSON endpoint, the query parameters that make its URL
-// stable, how a row is keyed, and how a page is drawn. A Routes panel is one more entry.
+// stable, how a row is keyed, and how a page is drawn.
 const PANELS = {
   services: {
     endpoint: "/ui/api/services",
@@ -24,9 +24,18 @@ const PANELS = {
     removedKey: (id) => String(id),
     render: renderProxies,
   },
+  // Routes deltas always say "reload": a route's view depends on Services and other routes.
+  routes: {
+    endpoint: "/ui/api/routes",
+    params: ["filter", "kind", "offset"],
+    items: (page) => page.routes,
+    key: (item) => `${item.kind}/${item.namespace}/${item.name}`,
+    removedKey: (key) => key,
+    render: renderRoutes,
+  },
 };
 
-const view = { panels: {}, totals: { services: null, proxies: null }, push: [] };
+const view = { panels: {}, totals: { services: null, proxies: null, routes: null }, push: [] };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -268,6 +277,111 @@ function renderProxies(page) {
   return table;
 }
 
+// ----- routes ------------------------------------------------------------------------------
+
+function condition(c) {
+  // The server says which state is normal: for Conflicted, False is.
+  const ok = c.healthy;
+  return el("div", { class: `cond ${ok ? "ok" : "bad"}`, "data-condition": c.type, "data-status": c.status, "data-reason": c.reason },
+    el("span", { class: `badge ${ok ? "True" : "False"}` }, `${ok ? "✓" : "✗"} ${c.type}${c.status === "True" ? "" : ": False"}`),
+    c.reason,
+    c.message && !ok ? el("span", { class: "message" }, c.message) : null);
+}
+
+function conditions(list) {
+  const cell = el("td");
+  for (const c of list) cell.append(condition(c));
+  return cell;
+}
+
+function parentName(ref) {
+  const kind = ref.kind === "Gateway" ? "" : `${ref.kind} `;
+  const section = ref.section_name ? `/${ref.section_name}` : "";
+  const port = ref.port ? `:${ref.port}` : "";
+  return `${kind}${ref.namespace}/${ref.name}${section}${port}`;
+}
+
+function backends(route) {
+  const cell = el("td");
+  for (const rule of route.rules) {
+    const line = el("div", { class: "rule", "data-rule": rule.index }, el("span", { class: "muted" }, `rule ${rule.index}: `));
+    if (!rule.backends.length) line.append(el("span", { class: "muted" }, "no backends"));
+    for (const b of rule.backends) {
+      line.append(b.cluster === null
+        ? el("span", { class: "backend invalid", "data-cluster": "", "data-weight": b.weight }, `invalid backend (500) ×${b.weight}`)
+        : el("span", { class: "backend mono", "data-cluster": b.cluster, "data-weight": b.weight }, `${b.cluster} ×${b.weight}`));
+    }
+    cell.append(line);
+  }
+  return cell;
+}
+
+function renderGateways(page) {
+  const out = document.createDocumentFragment();
+  for (const g of page.gateways) {
+    const table = el("table", {},
+      el("thead", {}, el("tr", {}, ...["listener", "kinds", "attached routes", "conditions"].map((h) => el("th", {}, h)))));
+    const rows = el("tbody");
+    for (const l of g.listeners) {
+      rows.append(el("tr", { "data-listener": l.name },
+        el("td", { class: "mono" }, l.name),
+        el("td", {}, l.supported_kinds.join(", ") || "–"),
+        el("td", { "data-attached": l.attached_routes }, l.attached_routes),
+        conditions(l.conditions)));
+    }
+    table.append(rows);
+    const head = el("h3", {}, `Gateway ${g.namespace}/${g.name}`,
+      el("span", { class: "muted" }, `${g.listeners.length} listeners · ${g.clusters_total} clusters`));
+    const status = el("div", { class: "conds" }, ...g.conditions.map(condition));
+    out.append(el("div", { class: "gateway", "data-gateway": `${g.namespace}/${g.name}` }, head, status, table));
+  }
+  if (page.gateways_total > page.gateways.length) {
+    out.append(el("p", { class: "muted" }, `and ${page.gateways_total - page.gateways.length} more Gateways`));
+  }
+  return out;
+}
+
+function renderProblems(page) {
+  if (!page.problems.length) return null;
+  const list = el("ul");
+  for (const p of page.problems) {
+    list.append(el("li", { "data-problem": p.file },
+      el("span", { class: "mono" }, p.file), p.path ? el("span", { class: "muted" }, ` ${p.path}: `) : ": ",
+      el("span", { class: "message" }, p.message)));
+  }
+  const more = page.totals.problems > page.problems.length ? el("p", { class: "muted" }, `and ${page.totals.problems - page.problems.length} more`) : null;
+  return el("div", { class: "problems" }, el("h3", {}, "Refused config files",
+    el("span", { class: "muted" }, "what they said before stays served")), list, more);
+}
+
+function renderRoutes(page) {
+  const out = document.createDocumentFragment();
+  const problems = renderProblems(page);
+  if (problems) out.append(problems);
+  out.append(renderGateways(page));
+  if (!page.routes.length) {
+    out.append(el("p", { class: "muted" }, "No routes."));
+    return out;
+  }
+  const table = el("table", { class: "routes" },
+    el("thead", {}, el("tr", {}, ...["route", "parent", "conditions", "rules → clusters (weight)"].map((h) => el("th", {}, h)))));
+  const rows = el("tbody");
+  for (const r of page.routes) {
+    const parents = r.parents.length ? r.parents : [{ parent_ref: null, conditions: [] }];
+    parents.forEach((parent, i) => {
+      const row = el("tr", { "data-route": `${r.namespace}/${r.name}`, "data-kind": r.kind, "data-failing": r.failing },
+        el("td", {}, i === 0 ? el("span", {}, el("span", { class: "muted" }, `${r.kind} `), `${r.namespace}/${r.name}`) : null),
+        el("td", { class: "mono" }, parent.parent_ref ? parentName(parent.parent_ref) : "no parent"),
+        conditions(parent.conditions));
+      row.append(i === 0 ? backends(r) : el("td"));
+      rows.append(row);
+    });
+  }
+  table.append(rows);
+  out.append(table);
+  return out;
+}
+
 // ----- totals ------------------------------------------------------------------------------
 
 function drawTotals() {
@@ -283,6 +397,13 @@ function drawTotals() {
     out.push(el("span", { class: "chip", "data-total": "proxies" }, el("b", {}, p.proxies), " proxies ",
       ...Object.entries(p.by_state).filter(([, n]) => n).map(([st, n]) => el("span", { class: `badge ${st}` }, `${n} ${st}`)),
       Object.entries(p.by_transport).map(([t, n]) => `${n} ${t}`).join(" · ")));
+  }
+  const r = view.totals.routes;
+  if (r) {
+    out.push(el("span", { class: "chip", "data-total": "routes" }, el("b", {}, r.routes), " routes ",
+      r.failing ? el("span", { class: "badge False" }, `${r.failing} failing`) : null,
+      `${r.gateways} ${r.gateways === 1 ? "gateway" : "gateways"}`,
+      r.problems ? el("span", { class: "badge False" }, `${r.problems} refused`) : null));
   }
   document.getElementById("totals").replaceChildren(...out);
 }
@@ -338,7 +459,7 @@ function connect() {
   const source = new EventSource("/ui/api/events");
   source.addEventListener("snapshot", (event) => {
     const data = JSON.parse(event.data);
-    view.totals = { services: data.services, proxies: data.proxies };
+    view.totals = { services: data.services, proxies: data.proxies, routes: data.routes };
     view.push = data.push.samples;
     setLive("live", "live");
     drawTotals();
@@ -386,11 +507,11 @@ function start() {
         load(name);
       }, 250);
     });
-    const stateFilter = section.querySelector("[data-state-filter]");
-    if (stateFilter) {
-      stateFilter.value = query.get("state") || "";
-      stateFilter.addEventListener("change", () => {
-        setQuery(name, { state: stateFilter.value, offset: 0 });
+    for (const select of section.querySelectorAll("select[data-param]")) {
+      const param = select.dataset.param;
+      select.value = query.get(param) || "";
+      select.addEventListener("change", () => {
+        setQuery(name, { [param]: select.value, offset: 0 });
         load(name);
       });
     }
