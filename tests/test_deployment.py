@@ -776,27 +776,74 @@ def test_compose_images_match_the_kubernetes_images(eds: list[dict[str, Any]]) -
     assert {s["image"] for s in COMPOSE["services"].values()} == kubernetes
 
 
-def test_compose_edge_is_published_on_the_kubernetes_edge_port(
+COMPOSE_GATEWAY = list(yaml.safe_load_all((ROOT / "compose/sds-config/edge.yaml").read_text()))
+COMPOSE_BOOTSTRAP = ROOT / "compose" / "envoy" / "edge-gateway.json"
+
+
+def compose_document(kind: str) -> dict[str, Any]:
+    """The one document of ``kind`` in Compose's sds config directory."""
+    (found,) = [d for d in COMPOSE_GATEWAY if d["kind"] == kind]
+    return found
+
+
+def test_compose_edge_gateway_listens_on_the_kubernetes_edge_port(
     eds: list[dict[str, Any]],
 ) -> None:
     port = find(eds, "Service", "edge-envoy")["spec"]["ports"][0]["port"]
     assert published_ports("edge-envoy") == [("", port, port)]
-    config = yaml.safe_load((ROOT / "compose" / "envoy" / "edge-eds.yaml").read_text())
-    listen = config["static_resources"]["listeners"][0]["address"]["socket_address"]
-    assert listen == {"address": "0.0.0.0", "port_value": port}
+    (listener,) = compose_document("Gateway")["spec"]["listeners"]
+    assert listener["port"] == port
 
 
-def test_compose_edge_follows_sds_for_the_registered_service() -> None:
-    config = yaml.safe_load((ROOT / "compose" / "envoy" / "edge-eds.yaml").read_text())
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    sds = clusters["sds_xds"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    address = sds["endpoint"]["address"]["socket_address"]
-    service_name = clusters["usersvc"]["eds_cluster_config"]["service_name"]
-    sds_env = compose_env("sds")
-    assert address == {"address": "sds", "port_value": int(sds_env["SDS_GRPC_PORT"])}
-    assert sds_env["SDS_SOURCE"] == "registration"
+def test_compose_sds_reads_the_config_directory_and_every_document_is_valid() -> None:
+    from sds.gatewayapi import schema  # noqa: PLC0415 - only these tests need it
+
+    sds = COMPOSE["services"]["sds"]
+    assert "./compose/sds-config:/etc/envoymesh/config:ro" in sds["volumes"]
+    assert compose_env("sds")["SDS_CONFIG_DIR"] == "/etc/envoymesh/config"
+    for document in COMPOSE_GATEWAY:
+        assert schema.validate(document) == [], document["kind"]
+
+
+def test_compose_route_sends_user_to_the_port_the_replicas_register() -> None:
+    (rule,) = compose_document("HTTPRoute")["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    (port,) = compose_document("Service")["spec"]["ports"]
+    assert port["appProtocol"] == "kubernetes.io/h2c"
     for replica in usersvc_replicas():
-        assert compose_env(replica)["USERSVC_REGISTER_SERVICE"] == service_name
+        env = compose_env(replica)
+        assert env["USERSVC_REGISTER_SERVICE"] == backend["name"]
+        assert int(env["USERSVC_REGISTER_PORT"]) == backend["port"] == port["port"]
+
+
+def test_compose_edge_bootstrap_is_what_sds_bootstrap_prints() -> None:
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sds",
+            "bootstrap",
+            "--gateway",
+            "default/edge",
+            "--xds-server",
+            f"sds:{compose_env('sds')['SDS_GRPC_PORT']}",
+            "--node-id",
+            "edge",
+            "--admin-port",
+            "8001",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert printed == COMPOSE_BOOTSTRAP.read_text()
+    edge = COMPOSE["services"]["edge-envoy"]
+    assert "./compose/envoy/edge-gateway.json:/etc/envoy/envoy.yaml:ro" in edge["volumes"][-1]
+
+
+@pytest.mark.envoy
+def test_compose_edge_bootstrap_is_valid(tmp_path: Path) -> None:
+    envoy_validate(COMPOSE_BOOTSTRAP.read_text(), tmp_path / "envoy.yaml")
 
 
 def test_compose_replicas_register_their_sidecar_port() -> None:
