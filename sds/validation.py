@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sds.errors import bad_request
+from sds.errors import InvalidInput
 from sds.model import normalize_ip
 
 # Registered names are plain; Kubernetes services are also reachable as name.namespace.
@@ -20,7 +20,7 @@ def service_name(value: str, *, qualified: bool = False) -> str:
     """``value`` when it is a valid service name, else a 400."""
     pattern = QUALIFIED_NAME if qualified else SERVICE_NAME
     if not pattern.match(value):
-        raise bad_request(
+        raise InvalidInput(
             f"invalid service name {value[:80]!r}: use letters, digits, '-' and '_'"
             + (" (optionally .namespace)" if qualified else "")
         )
@@ -32,22 +32,22 @@ def json_object(body: bytes, what: str = "request body") -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # JSON and UTF-8 decode errors are ValueErrors
-        raise bad_request(f"{what} is not valid JSON") from None
+        raise InvalidInput(f"{what} is not valid JSON") from None
     if not isinstance(data, dict):
-        raise bad_request(f"{what} must be a JSON object")
+        raise InvalidInput(f"{what} must be a JSON object")
     return data
 
 
 def ip_address(value: object) -> str:
     """The canonical form of an IPv4 or IPv6 address, else a 400."""
     if not isinstance(value, str):
-        raise bad_request("ip must be a string holding an IPv4 or IPv6 address")
+        raise InvalidInput("ip must be a string holding an IPv4 or IPv6 address")
     if "%" in value:
-        raise bad_request(f"invalid ip {value[:80]!r}: zone indexes (%...) are not accepted")
+        raise InvalidInput(f"invalid ip {value[:80]!r}: zone indexes (%...) are not accepted")
     try:
         return normalize_ip(value)
     except ValueError:
-        raise bad_request(f"invalid ip {value[:80]!r}: not an IPv4 or IPv6 address") from None
+        raise InvalidInput(f"invalid ip {value[:80]!r}: not an IPv4 or IPv6 address") from None
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -81,24 +81,24 @@ def host_address(value: object, *, allow_loopback: bool = False) -> str:
     hint = (
         " (start sds with --allow-loopback for a mesh on one machine)" if kind == "loopback" else ""
     )
-    raise bad_request(f"ip {ip} is a {kind} address, which other hosts cannot reach{hint}")
+    raise InvalidInput(f"ip {ip} is a {kind} address, which other hosts cannot reach{hint}")
 
 
 def _integer(value: object, what: str) -> int:
     if isinstance(value, bool):
-        raise bad_request(f"{what} must be an integer")
+        raise InvalidInput(f"{what} must be an integer")
     if isinstance(value, int):
         return value
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,6}\s*", value):
         return int(value)
-    raise bad_request(f"{what} must be an integer")
+    raise InvalidInput(f"{what} must be an integer")
 
 
 def port(value: object) -> int:
     """A TCP port 1-65535, else a 400."""
     number = _integer(value, "port")
     if not 1 <= number <= 65535:
-        raise bad_request(f"port must be between 1 and 65535, got {number}")
+        raise InvalidInput(f"port must be between 1 and 65535, got {number}")
     return number
 
 
@@ -106,7 +106,7 @@ def weight(value: object) -> int:
     """A load-balancing weight 1-100, else a 400."""
     number = _integer(value, "load_balancing_weight")
     if not 1 <= number <= 100:
-        raise bad_request(f"load_balancing_weight must be between 1 and 100, got {number}")
+        raise InvalidInput(f"load_balancing_weight must be between 1 and 100, got {number}")
     return number
 
 
@@ -119,16 +119,16 @@ def text(value: object, what: str, max_bytes: int, flag: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise bad_request(f"{what} must be a string")
+        raise InvalidInput(f"{what} must be a string")
     result = str(value)
     if "\x00" in result:
-        raise bad_request(f"{what} contains a NUL character")
+        raise InvalidInput(f"{what} contains a NUL character")
     try:
         size = len(result.encode())
     except UnicodeEncodeError:
-        raise bad_request(f"{what} is not valid Unicode (a lone surrogate)") from None
+        raise InvalidInput(f"{what} is not valid Unicode (a lone surrogate)") from None
     if size > max_bytes:
-        raise bad_request(f"{what} is {size} bytes, over the {max_bytes} allowed ({flag})")
+        raise InvalidInput(f"{what} is {size} bytes, over the {max_bytes} allowed ({flag})")
     return result
 
 
@@ -149,11 +149,11 @@ def tags(value: object, limits: TagLimits = TagLimits()) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):
-            raise bad_request("Invalid json supplied in tags") from None
+            raise InvalidInput("Invalid json supplied in tags") from None
     if not isinstance(value, dict):
-        raise bad_request("tags must be a JSON object")
+        raise InvalidInput("tags must be a JSON object")
     if len(value) > limits.max_tags:
-        raise bad_request(f"{len(value)} tags, over the {limits.max_tags} allowed (--max-tags)")
+        raise InvalidInput(f"{len(value)} tags, over the {limits.max_tags} allowed (--max-tags)")
     checked: dict[str, Any] = {}
     for key, item in value.items():
         text(key, "a tag name", limits.max_key_bytes, "--max-tag-key-bytes")
@@ -162,7 +162,7 @@ def tags(value: object, limits: TagLimits = TagLimits()) -> dict[str, Any]:
             if not isinstance(flag, bool) or (
                 isinstance(item, str) and item.lower() != str(flag).lower()
             ):
-                raise bad_request("tag canary must be true or false")
+                raise InvalidInput("tag canary must be true or false")
             checked[key] = flag
         elif key == "load_balancing_weight":
             checked[key] = weight(item)

@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from envoymesh.limits import BodySizeLimit
 from sds import metrics
 from sds.api import openapi
+from sds.api.errors import ApiError, http_status
 from sds.api.text_guard import TextGuard
-from sds.errors import ApiError
+from sds.errors import SdsError
 from sds.registry import Registry
 
 log = logging.getLogger("sds.http")
@@ -107,6 +108,10 @@ def create_app(registry: Registry, routers: Iterable[APIRouter]) -> FastAPI:
         app.include_router(router)
     app.include_router(ops_router(registry, time.monotonic()))
     openapi.install(app)
+
+    @app.exception_handler(SdsError)
+    async def on_core_error(_: Request, exc: SdsError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=http_status(exc))
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -14,9 +14,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from sds import validation
+from sds.api.errors import ApiError
 from sds.api.openapi import WRITE_SECURITY, errors
 from sds.api.write_access import WriteAccess
-from sds.errors import ApiError, bad_request
+from sds.errors import InvalidInput
 from sds.sources.registration import Host, RegistrationSource
 
 
@@ -53,7 +54,7 @@ def caller_address(request: Request, trusted_proxies: Sequence[IPNetwork]) -> st
     nothing).
     """
     if request.client is None:
-        raise bad_request("auto_ip: the caller's address is unknown; send ip instead")
+        raise InvalidInput("auto_ip: the caller's address is unknown; send ip instead")
     peer = ipaddress.ip_address(request.client.host)
     if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
         peer = peer.ipv4_mapped
@@ -64,7 +65,7 @@ def caller_address(request: Request, trusted_proxies: Sequence[IPNetwork]) -> st
     try:
         return str(ipaddress.ip_address(last_hop))
     except ValueError:
-        raise bad_request(
+        raise InvalidInput(
             f"auto_ip: the last hop of X-Forwarded-For, {last_hop[:80]!r}, is not an IP address"
         ) from None
 
@@ -75,7 +76,7 @@ def _auto_ip(fields: dict[str, Any]) -> bool:
         return value.lower() in ("true", "1")
     if isinstance(value, bool):
         return value
-    raise bad_request("auto_ip must be true or false")
+    raise InvalidInput("auto_ip must be true or false")
 
 
 def registration_router(
@@ -100,7 +101,7 @@ def registration_router(
         fields = await read_fields(request)
         if _auto_ip(fields):
             if fields.get("ip"):
-                raise bad_request("send either ip or auto_ip=true, not both")
+                raise InvalidInput("send either ip or auto_ip=true, not both")
             fields["ip"] = caller_address(request, trusted_proxies)
         host = source.register(service, fields)
         return JSONResponse(_host_json(host))
@@ -126,7 +127,7 @@ def registration_router(
     async def _weight(service: str, ip: str | None, request: Request) -> Response:
         fields = await read_fields(request)
         if "load_balancing_weight" not in fields:
-            raise bad_request("load_balancing_weight is required")
+            raise InvalidInput("load_balancing_weight is required")
         source.set_weight(service, ip, fields["load_balancing_weight"])
         return Response(status_code=204)
 

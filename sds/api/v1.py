@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sds import metrics, validation
 from sds.api.openapi import errors
 from sds.caching import Lru, still_current
-from sds.errors import ApiError
+from sds.errors import NotSynced, SdsError
 from sds.model import Endpoint, ServiceSnapshot
 from sds.registry import Registry
 
@@ -114,7 +114,8 @@ class V1Api:
     def prepared(self, service: str, if_none_match: str | None = None) -> _Rendered:
         """The 200 answer for ``GET /v1/registration/{service}``.
 
-        Raises :class:`ApiError`: 400 for an invalid name; 503 for a service with no hosts
+        Raises :class:`~sds.errors.InvalidInput` for an invalid name; :class:`~sds.errors.NotSynced`
+        for a service with no hosts
         while sources are still syncing (not learned yet is not "no hosts", and v1 clients
         keep their hosts on a non-200), unless the client's ETag shows it holds that very
         empty answer. A poll without an ETag cannot tell a fresh client from one that never
@@ -127,7 +128,7 @@ class V1Api:
             and not self._registry.ready
             and not etag_matches(if_none_match, rendered.etag)
         ):
-            raise ApiError(503, "sds has not synced its sources yet; keep your hosts and retry")
+            raise NotSynced("sds has not synced its sources yet; keep your hosts and retry")
         return rendered
 
     def still_valid(self, rendered: _Rendered, service: str) -> bool:
@@ -142,7 +143,7 @@ class V1Api:
     def answer(self, service: str, if_none_match: str | None) -> tuple[int, bytes, str]:
         """(status 200 or 304, body, ETag) for ``GET /v1/registration/{service}``.
 
-        Raises :class:`ApiError` as :meth:`prepared` does.
+        Raises as :meth:`prepared` does.
         """
         rendered = self.prepared(service, if_none_match)
         if etag_matches(if_none_match, rendered.etag):
@@ -218,7 +219,7 @@ class V1FastPath:
     def _prepare(self, path: str, service: str) -> _Ready | None:
         try:
             rendered = self.api.prepared(service)
-        except ApiError:
+        except SdsError:
             return None  # the app formats errors
         ready = _Ready(
             rendered,

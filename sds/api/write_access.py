@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from sds.errors import ApiError
+from sds.api.errors import ApiError
 
 _GLOB = re.compile(r"^[A-Za-z0-9_*?\[\]!.-]{1,253}$")
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,4096}$")  # what fits a bearer header, no spaces

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sds import metrics, validation
-from sds.errors import ApiError
+from sds.errors import InvalidInput, LimitReached, NotFound
 from sds.model import Endpoint, Source
 from sds.registry import Registry
 
@@ -184,7 +184,7 @@ class RegistrationSource:
         limits = self._limits
         service = validation.service_name(service)
         if "ip" not in fields or "port" not in fields:
-            raise ApiError(400, "ip and port are required")
+            raise InvalidInput("ip and port are required")
         ip = validation.host_address(fields["ip"], allow_loopback=limits.allow_loopback)
         port = validation.port(fields["port"])
         tags = validation.tags(fields.get("tags"), limits.tags)
@@ -196,8 +196,7 @@ class RegistrationSource:
         host = self._hosts.get(key)
         merged = len((host.tags if host else {}).keys() | tags.keys())
         if merged > limits.tags.max_tags:
-            raise ApiError(
-                400,
+            raise InvalidInput(
                 f"the host would carry {merged} tags, over the {limits.tags.max_tags}"
                 " allowed (--max-tags)",
             )
@@ -230,7 +229,7 @@ class RegistrationSource:
         ip = validation.ip_address(ip)
         doomed = [k for k in self._hosts if k[0] == service and k[1] == ip and port in (None, k[2])]
         if not doomed:
-            raise ApiError(404, f"no host {ip}{f':{port}' if port else ''} in service {service}")
+            raise NotFound(f"no host {ip}{f':{port}' if port else ''} in service {service}")
         for key in doomed:
             del self._hosts[key]
             self._forget(service)
@@ -244,14 +243,12 @@ class RegistrationSource:
         limits = self._limits
         count = self._per_service.get(service, 0)
         if count >= limits.max_hosts_per_service:
-            raise ApiError(
-                409,
+            raise LimitReached(
                 f"service {service} already has {count} registered hosts, the most allowed"
                 " (--max-hosts-per-service)",
             )
         if count == 0 and len(self._per_service) >= limits.max_services:
-            raise ApiError(
-                409,
+            raise LimitReached(
                 f"{len(self._per_service)} services are registered already, the most allowed"
                 " (--max-services)",
             )
@@ -269,7 +266,7 @@ class RegistrationSource:
         hosts = [h for k, h in self._hosts.items() if k[0] == service and address in (None, k[1])]
         if not hosts:
             target = f"host {address}" if address else "any host"
-            raise ApiError(404, f"{target} not registered in service {service}")
+            raise NotFound(f"{target} not registered in service {service}")
         for host in hosts:
             host.tags["load_balancing_weight"] = weight
             self._registry.upsert(Source.REGISTRATION, service, host.endpoint())

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
+from sds.api.errors import ApiError
 from sds.api.openapi import ErrorBody
-from sds.errors import ApiError
 from sds.ui import routes, views
 from sds.ui.live import HEARTBEAT, PING, LiveHub, PushHistory, Subscriber
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
-from sds.errors import ApiError, bad_request
+from sds.errors import InvalidInput, NotSynced
 from sds.xds.cache import Answer, XdsCache
 from sds.xds.node import gateway_of
 from sds.xds.resources import CONFIG_TYPE_URLS, EDS_TYPE_URL, WILDCARD_TYPE_URLS
@@ -19,7 +19,7 @@ def _subscribe(subscription: Subscription, names: list[str]) -> None:
         subscription.replace(names)
     except SubscriptionError as exc:
         metrics.XDS_REFUSED.labels("too_many_names" if exc.exhausted else "invalid_name").inc()
-        raise bad_request(str(exc)) from None
+        raise InvalidInput(str(exc)) from None
 
 
 def fetch(
@@ -35,12 +35,12 @@ def fetch(
     ``subscription`` is the client's own (REST pollers keep theirs, so a plain name they
     resolved keeps its target while it is ambiguous); a fresh one of at most ``max_names``
     otherwise. An empty list of names means no resources, as on every transport, except for
-    the Listener and Cluster wildcard. Raises :class:`ApiError`: 400 for a type the endpoint
-    does not serve or a refused name list, 503 while every requested resource is withheld (a
-    client that had resources, asking while sources sync).
+    the Listener and Cluster wildcard. Raises :class:`InvalidInput` for a type the endpoint
+    does not serve or a refused name list, :class:`NotSynced` while every requested resource
+    is withheld (a client that had resources, asking while sources sync).
     """
     if request.type_url not in ("", type_url):
-        raise bad_request(f"only {type_url} is served here, not {request.type_url}")
+        raise InvalidInput(f"only {type_url} is served here, not {request.type_url}")
     if type_url in CONFIG_TYPE_URLS:
         return _fetch_config(cache, request, type_url, max_names)
     if subscription is None:
@@ -54,7 +54,7 @@ def fetch(
     if withheld:
         metrics.XDS_WITHHELD.labels("rest").inc(withheld)
         if not answer.resources:
-            raise ApiError(503, NOT_SYNCED)
+            raise NotSynced(NOT_SYNCED)
     if request.version_info == answer.version:
         return None
     return answer
@@ -77,7 +77,7 @@ def _fetch_config(
     had = request.version_info and not cache.issued(request.version_info)
     if had and not cache.registry.ready:
         metrics.XDS_WITHHELD.labels("rest").inc()
-        raise ApiError(503, NOT_SYNCED)
+        raise NotSynced(NOT_SYNCED)
     answer = cache.shared_answer(type_url, chosen)
     if request.version_info == answer.version:
         return None

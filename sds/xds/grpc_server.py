@@ -16,7 +16,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from sds import metrics
-from sds.errors import ApiError
+from sds.errors import InvalidInput, LimitReached, NotFound, NotSynced, SdsError
 from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
 from sds.xds.resources import EDS_TYPE_URL
@@ -72,6 +72,22 @@ def server_options(max_connection_age: float, grace: float) -> list[tuple[str, i
 
 def _raw(message: bytes) -> bytes:
     return message
+
+
+_CODES: dict[type[SdsError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    NotSynced: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_code(exc: SdsError) -> grpc.StatusCode:
+    """The gRPC status code of a core error."""
+    for kind, code in _CODES.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def peer_address(peer: str) -> str:
@@ -166,13 +182,8 @@ class EndpointDiscovery:
         """One-shot fetch; an empty response (no resources) means "unchanged"."""
         try:
             answer = fetch(self._cache, request, max_names=self._max_names)
-        except ApiError as exc:
-            code = (
-                grpc.StatusCode.UNAVAILABLE
-                if exc.status == 503
-                else grpc.StatusCode.INVALID_ARGUMENT
-            )
-            await context.abort(code, exc.message)
+        except SdsError as exc:
+            await context.abort(grpc_code(exc), exc.message)
         if answer is None:
             unchanged: bytes = discovery_pb2.DiscoveryResponse(
                 version_info=request.version_info, type_url=EDS_TYPE_URL

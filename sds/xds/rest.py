@@ -15,7 +15,7 @@ from google.protobuf import json_format
 
 from sds import metrics, validation
 from sds.api.openapi import errors
-from sds.errors import bad_request
+from sds.errors import InvalidInput
 from sds.xds.cache import XdsCache
 from sds.xds.fetch import fetch
 from sds.xds.proxies import ProxyTracker, listed
@@ -45,7 +45,7 @@ def xds_rest_router(
                     document, discovery_pb2.DiscoveryRequest(), ignore_unknown_fields=True
                 )
             except (json_format.ParseError, RecursionError) as exc:
-                raise bad_request(f"not a DiscoveryRequest: {exc}") from None
+                raise InvalidInput(f"not a DiscoveryRequest: {exc}") from None
             subscription = tracker.rest_subscription(req.node, max_names)
             answer = fetch(cache, req, subscription, type_url=type_url, max_names=max_names)
             status = tracker.rest_client(req.node, subscription)
