@@ -257,11 +257,20 @@ class ConfigIndex:
         self.grants_by_namespace: dict[str, list[ReferenceGrant]] = {}
         self.services: dict[tuple[str, str], Service] = {}
 
-    def update(self, config: GatewayConfig) -> set[ObjectKey]:
-        """Take ``config``; the keys of every object added, changed or removed."""
+    def update(
+        self, config: GatewayConfig, touched: Iterable[ObjectKey] | None = None
+    ) -> set[ObjectKey]:
+        """Take ``config``; the keys of every object added, changed or removed.
+
+        ``touched``, when the caller knows it (the store's change log), is where to look;
+        otherwise every key is compared.
+        """
         old = self.config.objects
         new = config.objects
-        changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        candidates = old.keys() | new.keys() if touched is None else touched
+        changed = {
+            k for k in candidates if old.get(k) is not new.get(k) and old.get(k) != new.get(k)
+        }
         self.config = config
         for key in changed:
             if key.kind in ROUTE_KINDS:

@@ -19,7 +19,6 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from google.protobuf import json_format
 
-from sds.caching import Lru
 from sds.gatewayapi.model import HeaderChange, PathChange, RouteMatch, StringMatch
 from sds.translate.gateways import BoundRule, GatewayPlan, PortPlan, normalized_prefix
 from sds.xds.resources import Resource, pack
@@ -64,8 +63,6 @@ _RETRY_IDEMPOTENT = json_format.ParseDict(
 _IDEMPOTENT_MATCH = route_components_pb2.HeaderMatcher(
     name=":method", string_match={"safe_regex": {"regex": "|".join(IDEMPOTENT_METHODS)}}
 )
-_split: Lru[BoundRule, tuple[route_components_pb2.Route, ...]] = Lru(100_000)
-_built: Lru[tuple[BoundRule, bool], route_components_pb2.Route] = Lru(100_000)
 
 
 def route_config_name(plan: GatewayPlan, port: PortPlan) -> str:
@@ -237,14 +234,12 @@ def _action(bound: BoundRule, proxyless: bool) -> dict[str, Any]:
 
 
 def envoy_route(bound: BoundRule, proxyless: bool = False) -> route_components_pb2.Route:
-    """The Envoy route of one bound rule, built once and shared."""
-    key = (bound, proxyless)
-    built = _built.get(key)
-    if built is None:
-        # Message constructors take nested dicts, at a fraction of json_format's cost.
-        built = route_components_pb2.Route(**_action(bound, proxyless))
-        _built.put(key, built)
-    return built
+    """The Envoy route of one bound rule.
+
+    Built anew each time: that costs less than hashing a bound rule to look it up. Message
+    constructors take nested dicts, at a fraction of json_format's cost.
+    """
+    return route_components_pb2.Route(**_action(bound, proxyless))
 
 
 def envoy_routes(
@@ -255,9 +250,6 @@ def envoy_routes(
     route = envoy_route(bound, proxyless)
     if proxyless or not route.route.HasField("retry_policy"):
         return (route,)
-    cached = _split.get(bound)
-    if cached is not None:
-        return cached
     method = bound.match.method
     if method is not None:
         if method in IDEMPOTENT_METHODS:
@@ -273,7 +265,6 @@ def envoy_routes(
         idempotent.match.headers.append(_IDEMPOTENT_MATCH)
         idempotent.route.retry_policy.CopyFrom(_RETRY_IDEMPOTENT)
         split = (idempotent, route)
-    _split.put(bound, split)
     return split
 
 

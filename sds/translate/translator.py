@@ -113,7 +113,7 @@ class Translator:
         old = self.index.config
         affected: set[ObjectKey] | None = set()
         if keys is None or self.registry.config is not old:
-            changed = self.index.update(self.registry.config)
+            changed = self.index.update(self.registry.config, keys)
             affected = None if keys is None else affected_gateways(self.index, changed, old)
         if affected is not None:
             candidates = (
