@@ -6,6 +6,7 @@ REST, checked response by response.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,15 @@ import httpx
 import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import struct_pb2
 
+from sds.model import Endpoint, Source
 from sds.xds.node import GATEWAY_METADATA
 from sds.xds.resources import CDS_TYPE_URL, EDS_TYPE_URL, LDS_TYPE_URL, RDS_TYPE_URL
 from tests.conftest import RunningSds, gateway_yaml, put
-from tests.xds_client import XdsClient
+from tests.xds_client import XdsClient, addresses, assignments
 
 GROUP = "gateway.networking.k8s.io"
 ROUTE = "default/edge/8080"
@@ -78,6 +81,13 @@ async def gateway_sds(tmp_path: Path, start_sds: Callable[..., Any]) -> tuple[Ru
     put(sds, "svc-a", "127.0.0.1:80")
     put(sds, "svc-b", "127.0.0.2:80")
     return sds, config
+
+
+async def config_shows(sds: RunningSds, check: Callable[[dict[str, Any]], bool]) -> None:
+    """Wait until ``/debug/config`` satisfies ``check`` (sds read the files written)."""
+    async with asyncio.timeout(20), httpx.AsyncClient() as http:
+        while not check((await http.get(f"{sds.url}/debug/config")).json()):
+            await asyncio.sleep(0.02)
 
 
 def gateway_client(sds: RunningSds, *, delta: bool = False) -> XdsClient:
@@ -225,3 +235,49 @@ async def test_rest_serves_each_type_of_the_nodes_gateway_and_304_when_current(
             f"{sds.url}/v3/discovery:{path}", json={**request, "node": {"id": "other"}}
         )
         assert stranger.json().get("resources", []) == []
+
+
+async def test_proxies_of_one_gateway_never_receive_another_gateways_listeners(
+    gateway_sds: tuple[RunningSds, Path],
+) -> None:
+    sds, config = gateway_sds
+    (config / "other.yaml").write_text(gateway_yaml(9090, name="other"))
+    await config_shows(sds, lambda c: len(c["gateways"]) == 2)
+    client = gateway_client(sds)
+    try:
+        first = await synced(client)
+        assert len(first["lds"].resources) == 1
+        listener = listener_pb2.Listener()
+        first["lds"].resources[0].Unpack(listener)
+        assert listener.name == ROUTE
+    finally:
+        await client.close()
+
+
+async def test_a_kubernetes_service_is_a_backend_with_the_endpoints_its_source_found(
+    gateway_sds: tuple[RunningSds, Path],
+) -> None:
+    sds, config = gateway_sds
+    sds.registry.replace(
+        Source.KUBERNETES, "svc-k.default", [Endpoint("10.1.0.7", 8443, Source.KUBERNETES)]
+    )
+    (config / "route.yaml").write_text(route_to("svc-k"))
+    await config_shows(sds, lambda c: c["gateways"][0]["clusters"] == ["default/svc-k/80"])
+    client = gateway_client(sds)
+    try:
+        first = await synced(client)
+        assert names(first["cds"]) == ["default/svc-k/80"]
+        assert addresses(assignments(first["eds"])["default/svc-k/80"]) == [("10.1.0.7", 8443)]
+    finally:
+        await client.close()
+
+
+async def test_rest_honours_max_subscriptions(start_sds: Callable[..., Any]) -> None:
+    sds: RunningSds = await start_sds(max_subscriptions=2)
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{sds.url}/v3/discovery:endpoints",
+            json={"node": {"id": "n"}, "resource_names": ["a", "b", "c"]},
+        )
+    assert answer.status_code == 400
+    assert "more than 2" in answer.json()["error"]
