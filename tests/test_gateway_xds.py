@@ -281,3 +281,27 @@ async def test_rest_honours_max_subscriptions(start_sds: Callable[..., Any]) -> 
         )
     assert answer.status_code == 400
     assert "more than 2" in answer.json()["error"]
+
+
+async def test_while_sources_sync_a_proxy_that_had_clusters_is_not_answered_a_fresh_one_is(
+    tmp_path: Path, start_sds: Callable[..., Any]
+) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "gateway.yaml").write_text(gateway_yaml(8080))
+    (config / "route.yaml").write_text(route_to("svc-a"))
+    # Registrations come back one heartbeat at a time after a restart: a long warm-up.
+    sds: RunningSds = await start_sds(
+        config_dir=str(config), xds_debounce=0.0, registration_warmup=60.0
+    )
+    put(sds, "svc-a", "127.0.0.1:80")  # one replica's heartbeat is back already
+    await config_shows(sds, lambda c: c["gateways"][0]["clusters"] == ["default/svc-a/80"])
+    reconnecting, fresh = gateway_client(sds), gateway_client(sds)
+    try:
+        reconnecting.send(type_url=CDS_TYPE_URL, version_info="from-the-previous-sds")
+        fresh.send(type_url=CDS_TYPE_URL)
+        assert names(await fresh.receive()) == ["default/svc-a/80"]
+        await reconnecting.expect_silence()
+    finally:
+        await reconnecting.close()
+        await fresh.close()
