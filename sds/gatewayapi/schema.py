@@ -342,14 +342,20 @@ def validate(document: Mapping[str, Any]) -> list[SchemaError]:
     ``document`` is one parsed YAML/JSON object. Defaults are applied (on a copy) before the
     checks, as the API server does, so a field with a default may be left out.
     """
+    return admit(document)[1]
+
+
+def admit(document: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[SchemaError]]:
+    """:func:`validate` and :func:`with_defaults` at once: the defaulted document (None when
+    refused) and the problems. Sources use it: the document is checked and defaulted once."""
     if not isinstance(document, Mapping):
-        return [SchemaError("", f"must be an object, not {_json_type(document)}")]
+        return None, [SchemaError("", f"must be an object, not {_json_type(document)}")]
     problem = _check_json(document)
     if problem is not None:
-        return [problem]
+        return None, [problem]
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if not _supported(api_version, kind):
-        return [_unsupported(api_version, kind)]
+        return None, [_unsupported(api_version, kind)]
     assert isinstance(api_version, str)
     assert isinstance(kind, str)
     found = _schema_of(api_version, kind)
@@ -359,9 +365,13 @@ def validate(document: Mapping[str, Any]) -> list[SchemaError]:
         for error in found.validator.iter_errors(defaulted):
             errors.extend(_schema_errors(error, found.schema))
             if len(errors) >= MAX_ERRORS:
-                return errors[:MAX_ERRORS]
-        return errors
-    return list(_hand_checks(kind, defaulted))[:MAX_ERRORS]
+                return None, errors[:MAX_ERRORS]
+        return None, errors
+    errors = list(_hand_checks(kind, defaulted))[:MAX_ERRORS]
+    if errors:
+        return None, errors
+    assert isinstance(defaulted, dict)
+    return defaulted, []
 
 
 def with_defaults(document: Mapping[str, Any]) -> dict[str, Any]:

@@ -88,12 +88,12 @@ def read_documents(text: bytes, name: str) -> tuple[list[dict[str, Any]], list[C
         if not isinstance(document, dict):
             problems.append(ConfigProblem(name, f"document {number}", "not a mapping"))
             continue
-        errors = schema.validate(document)
-        if errors:
+        defaulted, errors = schema.admit(document)
+        if defaulted is None:
             label = _label(document, number)
             problems.extend(ConfigProblem(name, f"{label}: {e.path}", e.message) for e in errors)
             continue
-        valid.append(schema.with_defaults(document))
+        valid.append(defaulted)
     return valid, problems
 
 
