@@ -266,3 +266,22 @@ def test_listeners_on_one_port_with_the_same_hostname_conflict() -> None:
     assert by_name["one"]["Conflicted"] == (False, "NoConflicts")
     assert by_name["two"]["Conflicted"] == (True, "HostnameConflict")
     assert by_name["tcp"]["Accepted"] == (False, "UnsupportedProtocol")
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\r\nX-Injected: 1", "line\n"])
+def test_a_header_value_envoy_would_refuse_makes_the_route_not_accepted(value: str) -> None:
+    route = http_route(
+        "r",
+        [
+            {
+                "filters": [
+                    {
+                        "type": "RequestHeaderModifier",
+                        "requestHeaderModifier": {"set": [{"name": "x-a", "value": value}]},
+                    }
+                ],
+                "backendRefs": [{"name": "a", "port": 80}],
+            }
+        ],
+    )
+    assert conditions(bound(gateway(), route), "r")["Accepted"] == ("False", "UnsupportedValue")

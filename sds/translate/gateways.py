@@ -432,6 +432,12 @@ def _rule_problem(route: Route, rule: Rule) -> str | None:
     """Why a rule cannot be implemented (an Envoy would refuse it), or None."""
     if rule.filters.unsupported:
         return f"filter {rule.filters.unsupported[0]} is not supported"
+    for change in (rule.filters.request_headers, rule.filters.response_headers):
+        if change is not None:
+            for name, value in change.set + change.add:
+                if any(c in value for c in "\0\r\n"):
+                    # The CRD allows it, Envoy refuses it: never send a config it would NACK.
+                    return f"header {name[:80]!r}: a value may not hold NUL, CR or LF"
     for match in rule.matches:
         patterns = [m.value for m in match.headers + match.query if m.type == "RegularExpression"]
         path = match.path if route.meta.key.kind == HTTP_ROUTE else grpc_path(match)
