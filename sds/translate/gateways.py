@@ -341,10 +341,37 @@ class Binding:
     services: set[tuple[str, str]]  # (namespace, name) of every backend looked up
 
 
+def _listener_problem(listener: Listener, neighbours: list[Listener]) -> Condition | None:
+    """Why a listener cannot be programmed (``neighbours`` share its port), or None."""
+    if listener.protocol not in SUPPORTED_PROTOCOLS:
+        return Condition(
+            "Accepted",
+            False,
+            "UnsupportedProtocol",
+            f"protocol {listener.protocol} is not supported (HTTP is)",
+        )
+    if len({n.protocol for n in neighbours}) > 1:
+        return Condition(
+            "Conflicted", True, "ProtocolConflict", "listeners on this port use other protocols"
+        )
+    if next(n for n in neighbours if n.hostname == listener.hostname) is not listener:
+        return Condition(
+            "Conflicted",
+            True,
+            "HostnameConflict",
+            "an earlier listener on this port has the same hostname",
+        )
+    return None
+
+
 def _listener_conditions(
     gateway: Gateway,
 ) -> tuple[dict[str, list[Condition]], dict[str, tuple[str, ...]], list[Listener]]:
-    """Validate listeners: conditions per listener, supported kinds, and the usable ones."""
+    """Validate listeners: conditions per listener, supported kinds, and the usable ones.
+
+    The first listener of a port and hostname wins; later ones are Conflicted and not
+    programmed.
+    """
     conditions: dict[str, list[Condition]] = {}
     kinds: dict[str, tuple[str, ...]] = {}
     usable: list[Listener] = []
@@ -352,71 +379,46 @@ def _listener_conditions(
     for listener in gateway.listeners:
         by_port.setdefault(listener.port, []).append(listener)
     for listener in gateway.listeners:
-        found: list[Condition] = []
-        asked = [k for k in listener.kinds] or None
+        asked = listener.kinds
         supported = (
             tuple(k.kind for k in asked if k.group == GROUP and k.kind in ROUTE_KINDS)
             if asked
             else ROUTE_KINDS
         )
         kinds[listener.name] = supported
-        protocols = {other.protocol for other in by_port[listener.port]}
-        same_host = [o for o in by_port[listener.port] if o.hostname == listener.hostname]
-        if listener.protocol not in SUPPORTED_PROTOCOLS:
-            found.append(
-                Condition(
-                    "Accepted",
-                    False,
-                    "UnsupportedProtocol",
-                    f"protocol {listener.protocol} is not supported (HTTP is)",
-                )
+        resolved = (
+            Condition(
+                "ResolvedRefs",
+                False,
+                "InvalidRouteKinds",
+                "only HTTPRoute and GRPCRoute are supported",
             )
-        elif len(protocols) > 1:
-            found.append(
-                Condition(
-                    "Conflicted",
-                    True,
-                    "ProtocolConflict",
-                    "listeners on this port use different protocols",
-                )
-            )
-        elif same_host[0] is not listener:
-            found.append(
-                Condition(
-                    "Conflicted",
-                    True,
-                    "HostnameConflict",
-                    "another listener on this port has the same hostname",
-                )
-            )
-        if asked and len(supported) < len(asked):
-            found.append(
-                Condition(
-                    "ResolvedRefs",
-                    False,
-                    "InvalidRouteKinds",
-                    "only HTTPRoute and GRPCRoute are supported",
-                )
-            )
-        ok = not any(c.type in ("Accepted", "Conflicted") for c in found)
-        if ok:
+            if asked and len(supported) < len(asked)
+            else Condition("ResolvedRefs", True, "ResolvedRefs")
+        )
+        problem = _listener_problem(listener, by_port[listener.port])
+        if problem is None:
             usable.append(listener)
-            found = [
+            conditions[listener.name] = [
                 Condition("Accepted", True, "Accepted"),
                 Condition("Conflicted", False, "NoConflicts"),
                 Condition("Programmed", True, "Programmed"),
-                *(found or [Condition("ResolvedRefs", True, "ResolvedRefs")]),
+                resolved,
+            ]
+        elif problem.type == "Accepted":
+            conditions[listener.name] = [
+                problem,
+                Condition("Conflicted", False, "NoConflicts"),
+                Condition("Programmed", False, "Invalid"),
+                resolved,
             ]
         else:
-            if not any(c.type == "Accepted" for c in found):
-                conflict = next(c for c in found if c.type == "Conflicted")
-                found.append(Condition("Accepted", False, conflict.reason, conflict.message))
-            found.append(Condition("Programmed", False, "Invalid"))
-            if not any(c.type == "Conflicted" for c in found):
-                found.append(Condition("Conflicted", False, "NoConflicts"))
-            if not any(c.type == "ResolvedRefs" for c in found):
-                found.append(Condition("ResolvedRefs", True, "ResolvedRefs"))
-        conditions[listener.name] = found
+            conditions[listener.name] = [
+                Condition("Accepted", False, problem.reason, problem.message),
+                problem,
+                Condition("Programmed", False, "Invalid"),
+                resolved,
+            ]
     return conditions, kinds, usable
 
 
@@ -541,10 +543,12 @@ def bind(index: ConfigIndex, gateway: Gateway, backends: Backends) -> Binding:
         )
         for listener in gateway.listeners
     )
+    # The spec: a Gateway is Accepted while one listener is valid; Programmed when its
+    # configuration was generated (not when proxies acknowledged it).
     programmed = bool(usable)
     gateway_conditions = (
         Condition("Accepted", True, "Accepted")
-        if programmed or not gateway.listeners
+        if programmed
         else Condition("Accepted", False, "ListenersNotValid", "no listener is valid"),
         Condition("Programmed", programmed, "Programmed" if programmed else "Invalid"),
     )
