@@ -173,18 +173,16 @@ def _action(bound: BoundRule, proxyless: bool) -> dict[str, Any]:
     rule = bound.rule
     filters = rule.filters
     route: dict[str, Any] = {"match": _match(bound.match, proxyless)}
-    if filters.request_headers and not proxyless:
-        added, removed = _header_options(filters.request_headers)
-        if added:
-            route["request_headers_to_add"] = added
-        if removed:
-            route["request_headers_to_remove"] = removed
-    if filters.response_headers and not proxyless:
-        added, removed = _header_options(filters.response_headers)
-        if added:
-            route["response_headers_to_add"] = added
-        if removed:
-            route["response_headers_to_remove"] = removed
+    for side, change in (
+        ("request", filters.request_headers),
+        ("response", filters.response_headers),
+    ):
+        if change is not None and not proxyless:
+            added, removed = _header_options(change)
+            if added:
+                route[f"{side}_headers_to_add"] = added
+            if removed:
+                route[f"{side}_headers_to_remove"] = removed
     if filters.redirect is not None:
         redirect = filters.redirect
         action: dict[str, Any] = {
