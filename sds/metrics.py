@@ -18,15 +18,20 @@ REGISTRY_REVISION = Gauge("sds_registry_revision", "Registry revision (real chan
 WATCH_RESTARTS = Counter(
     "sds_kubernetes_watch_restarts_total", "Kubernetes watch streams re-established", ["reason"]
 )
-RELISTS = Counter("sds_kubernetes_relists_total", "Full lists of EndpointSlices", ["reason"])
+RELISTS = Counter("sds_kubernetes_relists_total", "Full lists of Kubernetes objects", ["reason"])
 WATCH_EVENTS = Counter(
-    "sds_kubernetes_watch_events_total", "EndpointSlice watch events received", ["type"]
+    "sds_kubernetes_watch_events_total", "Kubernetes watch events received", ["type"]
 )
 AMBIGUOUS_PORT_SERVICES = Gauge(
     "sds_kubernetes_ambiguous_port_services",
     "Services not served: several ports and no --port-name to choose one",
 )
 API_ERRORS = Counter("sds_kubernetes_api_errors_total", "Failed Kubernetes API calls", ["status"])
+FORBIDDEN = Counter(
+    "sds_kubernetes_forbidden_total",
+    "Kubernetes list/watch calls refused by RBAC (403), by kind",
+    ["kind"],
+)
 
 REGISTRATIONS = Counter(
     "sds_registrations_total", "v1 registrations accepted", ["kind"]
