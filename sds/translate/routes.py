@@ -19,8 +19,9 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from google.protobuf import json_format
 
-from sds.gatewayapi.model import HeaderChange, PathChange, RouteMatch, StringMatch
-from sds.translate.gateways import BoundRule, GatewayPlan, PortPlan, normalized_prefix
+from sds.caching import Lru
+from sds.gatewayapi.model import HeaderChange, ObjectKey, PathChange, RouteMatch, Rule, StringMatch
+from sds.translate.gateways import BoundRule, GatewayPlan, PortPlan, Target, normalized_prefix
 from sds.xds.resources import Resource, pack
 
 # The weighted entry of an invalid backend: no cluster has this name (names hold a port).
@@ -231,13 +232,36 @@ def _action(bound: BoundRule, proxyless: bool) -> dict[str, Any]:
     return route
 
 
+# (route, rule index, match index, proxyless) -> what the routes were built from, and them.
+# Validated by identity: the config source keeps an unchanged route the same object, so a
+# lookup costs no deep hashing or comparison of the rule.
+_built: Lru[
+    tuple[ObjectKey, int, int, bool],
+    tuple[Rule, RouteMatch, tuple[Target, ...], tuple[route_components_pb2.Route, ...]],
+] = Lru(200_000)
+
+
 def envoy_route(bound: BoundRule, proxyless: bool = False) -> route_components_pb2.Route:
     """The Envoy route of one bound rule.
 
-    Built anew each time: that costs less than hashing a bound rule to look it up. Message
-    constructors take nested dicts, at a fraction of json_format's cost.
+    Message constructors take nested dicts, at a fraction of json_format's cost.
     """
     return route_components_pb2.Route(**_action(bound, proxyless))
+
+
+def _cached_routes(bound: BoundRule, proxyless: bool) -> tuple[route_components_pb2.Route, ...]:
+    key = (bound.route, bound.rule_index, bound.match_index, proxyless)
+    found = _built.get(key)
+    if (
+        found is not None
+        and found[0] is bound.rule
+        and found[1] is bound.match
+        and found[2] == bound.targets
+    ):
+        return found[3]
+    built = envoy_routes(bound, proxyless)
+    _built.put(key, (bound.rule, bound.match, bound.targets, built))
+    return built
 
 
 def envoy_routes(
@@ -278,7 +302,7 @@ def route_configuration(name: str, port: PortPlan, proxyless: bool = False) -> R
     virtual_hosts = []
     refs: set[str] = set()
     for host in port.virtual_hosts:
-        routes = [r for bound in host.rules for r in envoy_routes(bound, proxyless)]
+        routes = [r for bound in host.rules for r in _cached_routes(bound, proxyless)]
         for bound in host.rules:
             if bound.rule.filters.redirect is None:
                 refs.update(t.cluster.name for t in bound.targets if t.cluster and t.weight)
