@@ -146,6 +146,16 @@ class SdsServer:
                 watch=WatchSettings(read_timeout=settings.kube_read_timeout),
             )
             self._jobs["kubernetes"] = kubernetes.run()
+            from sds.sources.gateway_api import GatewayApiSource  # noqa: PLC0415 - optional
+
+            gateway_api = GatewayApiSource(
+                self.registry,
+                namespaces=settings.namespace,
+                kube_api_url=settings.kube_api_url,
+                kubeconfig=settings.kubeconfig,
+                watch=WatchSettings(read_timeout=settings.kube_read_timeout),
+            )
+            self._jobs["gateway-api"] = gateway_api.run()
         self.tls = (
             ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_cert_file

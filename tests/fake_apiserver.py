@@ -1,4 +1,9 @@
-"""A Kubernetes API server for tests: list and watch of ``discovery.k8s.io/v1`` EndpointSlices.
+"""A Kubernetes API server for tests: list and watch of EndpointSlices, Services, Gateway API.
+
+The kinds: ``discovery.k8s.io/v1`` EndpointSlices, ``v1`` Services, and the Gateway API's
+``gateway.networking.k8s.io/v1`` GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes and
+``v1beta1`` ReferenceGrants; a kind can be made absent (its CRD not installed: 404) or
+forbidden (403) on its own.
 
 No real API server can run where the tests run, so this one speaks enough of the real
 protocol for the unpatched kubernetes-asyncio client: paginated lists with a consistent
@@ -24,7 +29,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +38,44 @@ from aiohttp import web
 API_VERSION = "discovery.k8s.io/v1"
 GROUP_PATH = "/apis/discovery.k8s.io/v1"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One kind the server serves: where, and whether per namespace."""
+
+    kind: str
+    api_version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def base(self) -> str:
+        """The path prefix of its API group and version."""
+        if "/" in self.api_version:
+            return f"/apis/{self.api_version}"
+        return f"/api/{self.api_version}"
+
+    @property
+    def group(self) -> str:
+        """Its API group (empty for the core group)."""
+        return self.api_version.rpartition("/")[0]
+
+
+RESOURCES: dict[str, Resource] = {
+    r.kind: r
+    for r in (
+        Resource("EndpointSlice", API_VERSION, "endpointslices"),
+        Resource("Service", "v1", "services"),
+        Resource("GatewayClass", f"{GATEWAY_GROUP}/v1", "gatewayclasses", namespaced=False),
+        Resource("Gateway", f"{GATEWAY_GROUP}/v1", "gateways"),
+        Resource("HTTPRoute", f"{GATEWAY_GROUP}/v1", "httproutes"),
+        Resource("GRPCRoute", f"{GATEWAY_GROUP}/v1", "grpcroutes"),
+        Resource("ReferenceGrant", f"{GATEWAY_GROUP}/v1beta1", "referencegrants"),
+    )
+}
+GATEWAY_API_KINDS = tuple(k for k, r in RESOURCES.items() if r.group == GATEWAY_GROUP)
 
 Obj = dict[str, Any]
 Predicate = Callable[[Obj], bool]
@@ -119,6 +162,108 @@ def endpoint_slice(
         "addressType": address_type,
         "endpoints": list(endpoints),
         "ports": port_list,
+    }
+
+
+def gateway_class(
+    name: str = "envoymesh", controller: str = "envoymesh.io/gateway-controller"
+) -> Obj:
+    """A GatewayClass for ``controller``."""
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1",
+        "kind": "GatewayClass",
+        "metadata": {"name": name},
+        "spec": {"controllerName": controller},
+    }
+
+
+def gateway(name: str = "edge", namespace: str = "default", class_name: str = "envoymesh") -> Obj:
+    """A Gateway with one HTTP listener on port 8080, admitting routes of every namespace."""
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "gatewayClassName": class_name,
+            "listeners": [
+                {
+                    "name": "http",
+                    "port": 8080,
+                    "protocol": "HTTP",
+                    "allowedRoutes": {"namespaces": {"from": "All"}},
+                }
+            ],
+        },
+    }
+
+
+def http_route(
+    name: str,
+    namespace: str = "default",
+    *,
+    gateway_name: str = "edge",
+    path: str = "/",
+    backend: str = "usersvc",
+    port: int = 8080,
+) -> Obj:
+    """An HTTPRoute attached to ``gateway_name``, sending ``path`` to one Service port."""
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "parentRefs": [{"name": gateway_name}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                    "backendRefs": [{"name": backend, "port": port}],
+                }
+            ],
+        },
+    }
+
+
+def grpc_route(name: str, namespace: str = "default", *, backend: str = "usersvc") -> Obj:
+    """A GRPCRoute attached to the ``edge`` Gateway, sending everything to one Service."""
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1",
+        "kind": "GRPCRoute",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": backend, "port": 5001}]}],
+        },
+    }
+
+
+def reference_grant(name: str, namespace: str, *, from_namespace: str) -> Obj:
+    """A ReferenceGrant letting HTTPRoutes of ``from_namespace`` use this namespace's Services."""
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "from": [{"group": GATEWAY_GROUP, "kind": "HTTPRoute", "namespace": from_namespace}],
+            "to": [{"group": "", "kind": "Service"}],
+        },
+    }
+
+
+def service(
+    name: str, namespace: str = "default", *, ports: Sequence[tuple[str, int]] = (("http", 8080),)
+) -> Obj:
+    """A ClusterIP Service as the API serves it, with the fields a real one has."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.0.10",
+            "selector": {"app": name},
+            "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in ports],
+        },
+        "status": {"loadBalancer": {}},
     }
 
 
@@ -223,6 +368,7 @@ class _Stored:
 
 @dataclass(frozen=True, slots=True)
 class _Change:
+    kind: str
     rv: int
     type: str  # ADDED, MODIFIED or DELETED, before selector filtering
     old: Obj | None
@@ -238,6 +384,7 @@ class _ListSnapshot:
 
 @dataclass(eq=False)
 class _Watcher:
+    kind: str
     matches: Predicate
     bookmarks: bool
     queue: asyncio.Queue[_Change | int | bytes | None] = field(default_factory=asyncio.Queue)
@@ -246,10 +393,10 @@ class _Watcher:
 
 
 class FakeApiServer:
-    """EndpointSlice list/watch over HTTP on 127.0.0.1, with knobs to misbehave."""
+    """List/watch of every kind in RESOURCES over HTTP on 127.0.0.1, with knobs to misbehave."""
 
     def __init__(self, *, history_limit: int = 1000, first_resource_version: int = 1000) -> None:
-        self._objects: dict[tuple[str, str], _Stored] = {}
+        self._objects: dict[tuple[str, str, str], _Stored] = {}  # kind, namespace, name
         self._rv = first_resource_version
         self._history: deque[_Change] = deque()
         self._history_limit = history_limit
@@ -257,7 +404,8 @@ class FakeApiServer:
         self._watchers: set[_Watcher] = set()
         self._snapshots: dict[int, _ListSnapshot] = {}
         self._snapshot_ids = itertools.count(1)
-        self._forbidden = False
+        self._forbidden: set[str] = set()
+        self._absent: set[str] = set()
         self.expire_continue_tokens = False
         """When set, every ``continue`` token is too old: 410 as after a compaction."""
         self.hang_new_watches = False
@@ -272,6 +420,10 @@ class FakeApiServer:
         """Watch requests, each resume counted."""
         self.watch_resource_versions: list[str] = []
         """The ``resourceVersion`` of every watch request, in order."""
+        self.lists_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
+        """Lists started, by kind."""
+        self.watches_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
+        """Watch requests, by kind."""
 
     # ----- lifecycle -----------------------------------------------------------------------
 
@@ -290,8 +442,12 @@ class FakeApiServer:
         if self._runner is not None:
             return
         app = web.Application()
-        app.router.add_get(f"{GROUP_PATH}/endpointslices", self._handle)
-        app.router.add_get(f"{GROUP_PATH}/namespaces/{{namespace}}/endpointslices", self._handle)
+        for resource in RESOURCES.values():
+            handler = self._handler(resource)
+            app.router.add_get(f"{resource.base}/{resource.plural}", handler)
+            if resource.namespaced:
+                path = f"{resource.base}/namespaces/{{namespace}}/{resource.plural}"
+                app.router.add_get(path, handler)
         # handler_cancellation: notice clients that hang up, as a real API server does.
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
@@ -323,24 +479,38 @@ class FakeApiServer:
         return len(self._watchers)
 
     def apply(self, obj: Obj) -> Obj:
-        """Create or replace an object (keyed by namespace and name); the stored copy."""
+        """Create or replace an object (keyed by kind, namespace and name); the stored copy.
+
+        A replaced object whose ``spec`` changed gets the next ``metadata.generation``.
+        """
+        kind = obj["kind"]
         meta = obj["metadata"]
-        key = (meta["namespace"], meta["name"])
+        key = (kind, meta.get("namespace", "") if RESOURCES[kind].namespaced else "", meta["name"])
         previous = self._objects.get(key)
-        stored = self._store(obj)
+        generation = 1
+        if previous is not None:
+            generation = int(previous.obj["metadata"].get("generation") or 1)
+            if previous.obj.get("spec") != obj.get("spec"):
+                generation += 1
+        stored = self._store(obj, generation)
         if previous is None:
-            self._append(_Change(self._rv, "ADDED", None, stored.obj))
+            self._append(_Change(kind, self._rv, "ADDED", None, stored.obj))
         else:
-            self._append(_Change(self._rv, "MODIFIED", previous.obj, stored.obj))
+            self._append(_Change(kind, self._rv, "MODIFIED", previous.obj, stored.obj))
         return stored.obj
 
-    def delete(self, namespace: str, name: str) -> None:
+    def delete(self, namespace: str, name: str, kind: str = "EndpointSlice") -> None:
         """Delete an object; KeyError when there is none."""
-        previous = self._objects.pop((namespace, name))
+        previous = self._objects.pop((kind, namespace, name))
         self._rv += 1
         gone = copy.deepcopy(previous.obj)
         gone["metadata"]["resourceVersion"] = str(self._rv)
-        self._append(_Change(self._rv, "DELETED", previous.obj, gone))
+        self._append(_Change(kind, self._rv, "DELETED", previous.obj, gone))
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        """The stored object, or None."""
+        stored = self._objects.get((kind, namespace, name))
+        return stored.obj if stored is not None else None
 
     def compact(self) -> None:
         """Forget the event history: watches from an older resourceVersion get 410 Gone."""
@@ -368,22 +538,33 @@ class FakeApiServer:
             if watcher.bookmarks:
                 watcher.queue.put_nowait(self._rv)
 
-    def set_forbidden(self, forbidden: bool) -> None:
-        """Answer new requests 403, as when the RBAC grant is missing; open watches stay."""
-        self._forbidden = forbidden
+    def set_forbidden(self, forbidden: bool, kinds: Iterable[str] = ()) -> None:
+        """Answer new requests for ``kinds`` (default: all) 403, as when the RBAC grant is
+        missing; open watches stay."""
+        chosen = set(kinds or RESOURCES)
+        self._forbidden = self._forbidden | chosen if forbidden else self._forbidden - chosen
+
+    def set_absent(self, absent: bool, kinds: Iterable[str] = GATEWAY_API_KINDS) -> None:
+        """Answer requests for ``kinds`` 404, as when their CRDs are not installed."""
+        chosen = set(kinds)
+        self._absent = self._absent | chosen if absent else self._absent - chosen
 
     # ----- storage -------------------------------------------------------------------------
 
-    def _store(self, obj: Obj) -> _Stored:
+    def _store(self, obj: Obj, generation: int = 1) -> _Stored:
         self._rv += 1
         stored_obj = copy.deepcopy(obj)
+        kind = stored_obj["kind"]
         meta = stored_obj["metadata"]
+        if not RESOURCES[kind].namespaced:
+            meta.pop("namespace", None)
+        namespace = meta.get("namespace", "")
         meta["resourceVersion"] = str(self._rv)
-        meta.setdefault("uid", f"uid-{meta['namespace']}-{meta['name']}")
-        meta.setdefault("generation", 1)
+        meta.setdefault("uid", f"uid-{kind}-{namespace}-{meta['name']}")
+        meta["generation"] = generation
         raw = json.dumps(stored_obj, separators=(",", ":")).encode()
         stored = _Stored(stored_obj, raw)
-        self._objects[(meta["namespace"], meta["name"])] = stored
+        self._objects[(kind, namespace, meta["name"])] = stored
         return stored
 
     def _append(self, change: _Change) -> None:
@@ -391,49 +572,71 @@ class FakeApiServer:
         while len(self._history) > self._history_limit:
             self._compacted_rv = self._history.popleft().rv
         for watcher in self._watchers:
-            watcher.queue.put_nowait(change)
+            if watcher.kind == change.kind:
+                watcher.queue.put_nowait(change)
 
     # ----- HTTP ----------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _handler(
+        self, resource: Resource
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._handle(resource, request)
+
+        return handle
+
+    async def _handle(self, resource: Resource, request: web.Request) -> web.StreamResponse:
         namespace = request.match_info.get("namespace")
         watching = _parse_bool(request.query.get("watch"))
-        if self._forbidden:
-            return self._forbidden_response("watch" if watching else "list", namespace)
+        if resource.kind in self._absent:
+            # What a real API server says for a resource no CRD defines.
+            return _status_response(
+                status_object(404, "NotFound", "the server could not find the requested resource")
+            )
+        if resource.kind in self._forbidden:
+            return self._forbidden_response(resource, "watch" if watching else "list", namespace)
         try:
-            matches = self._predicate(request, namespace)
+            matches = self._predicate(request, resource, namespace)
         except SelectorError as exc:
             return _status_response(status_object(400, "BadRequest", str(exc)))
         if watching:
-            return await self._watch(request, matches)
-        return self._list(request, namespace, matches)
+            return await self._watch(request, resource, matches)
+        return self._list(request, resource, namespace, matches)
 
-    def _predicate(self, request: web.Request, namespace: str | None) -> Predicate:
+    def _predicate(
+        self, request: web.Request, resource: Resource, namespace: str | None
+    ) -> Predicate:
         labels = parse_label_selector(request.query.get("labelSelector", ""))
         fields = parse_field_selector(request.query.get("fieldSelector", ""))
 
         def matches(obj: Obj) -> bool:
-            in_scope = namespace is None or obj["metadata"]["namespace"] == namespace
+            if obj["kind"] != resource.kind:
+                return False
+            in_scope = namespace is None or obj["metadata"].get("namespace") == namespace
             return in_scope and labels(obj) and fields(obj)
 
         return matches
 
-    def _forbidden_response(self, verb: str, namespace: str | None) -> web.Response:
+    def _forbidden_response(
+        self, resource: Resource, verb: str, namespace: str | None
+    ) -> web.Response:
         where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        qualified = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
         message = (
-            'endpointslices.discovery.k8s.io is forbidden: User "system:serviceaccount:mesh:sds"'
-            f' cannot {verb} resource "endpointslices" in API group "discovery.k8s.io" {where}'
+            f'{qualified} is forbidden: User "system:serviceaccount:mesh:sds"'
+            f' cannot {verb} resource "{resource.plural}" in API group "{resource.group}" {where}'
         )
         body = status_object(403, "Forbidden", message)
-        body["details"] = {"group": "discovery.k8s.io", "kind": "endpointslices"}
+        body["details"] = {"group": resource.group, "kind": resource.plural}
         return _status_response(body)
 
     def _list(
-        self, request: web.Request, namespace: str | None, matches: Predicate
+        self, request: web.Request, resource: Resource, namespace: str | None, matches: Predicate
     ) -> web.Response:
         self.list_requests += 1
         query = "|".join(
             (
+                resource.kind,
                 namespace or "",
                 request.query.get("labelSelector", ""),
                 request.query.get("fieldSelector", ""),
@@ -458,6 +661,7 @@ class FakeApiServer:
                 )
         else:
             self.lists += 1
+            self.lists_of[resource.kind] += 1
             items = [s for _, s in sorted(self._objects.items()) if matches(s.obj)]
             snapshot_id, offset = next(self._snapshot_ids), 0
             snapshot = _ListSnapshot(self._rv, items, query)
@@ -473,14 +677,21 @@ class FakeApiServer:
         else:
             self._snapshots.pop(snapshot_id, None)
         head = json.dumps(
-            {"kind": "EndpointSliceList", "apiVersion": API_VERSION, "metadata": metadata},
+            {
+                "kind": f"{resource.kind}List",
+                "apiVersion": resource.api_version,
+                "metadata": metadata,
+            },
             separators=(",", ":"),
         ).encode()
         body = head[:-1] + b',"items":[' + b",".join(s.raw for s in page) + b"]}"
         return web.Response(body=body, content_type="application/json")
 
-    async def _watch(self, request: web.Request, matches: Predicate) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, resource: Resource, matches: Predicate
+    ) -> web.StreamResponse:
         self.watches += 1
+        self.watches_of[resource.kind] += 1
         if self.hang_new_watches:
             await asyncio.Event().wait()  # until the client gives up and the handler is cancelled
         requested = request.query.get("resourceVersion", "")
@@ -496,7 +707,7 @@ class FakeApiServer:
             await response.write(_event_line("ERROR", error))
             await response.write_eof()
             return response
-        watcher = _Watcher(matches, bookmarks)
+        watcher = _Watcher(resource.kind, matches, bookmarks)
         # Register and collect the replay without an await in between: nothing is lost.
         self._watchers.add(watcher)
         try:
@@ -511,7 +722,9 @@ class FakeApiServer:
                 backlog = [
                     line
                     for change in self._history
-                    if change.rv > since and (line := self._translate(change, matches))
+                    if change.rv > since
+                    and change.kind == resource.kind
+                    and (line := self._translate(change, matches))
                 ]
             await response.prepare(request)
             for line in backlog:
@@ -533,8 +746,8 @@ class FakeApiServer:
                     await response.write(item)
                 elif isinstance(item, int):
                     bookmark = {
-                        "kind": "EndpointSlice",
-                        "apiVersion": API_VERSION,
+                        "kind": resource.kind,
+                        "apiVersion": resource.api_version,
                         "metadata": {"resourceVersion": str(item)},
                     }
                     await response.write(_event_line("BOOKMARK", bookmark))
