@@ -68,6 +68,11 @@ XDS_AMBIGUOUS_KEPT = Counter(
     "sds_xds_ambiguous_kept_total",
     "Times a subscriber kept the service it had resolved because its plain name became ambiguous",
 )
+STATUS_WRITES = Counter(
+    "sds_gateway_status_writes_total",
+    "Gateway API status writes, by result (written, conflict, an HTTP status, error)",
+    ["result"],
+)
 XDS_PUSHES = Counter("sds_xds_pushes_total", "xDS responses sent", ["transport"])
 XDS_NACKS = Counter("sds_xds_nacks_total", "xDS responses rejected by a proxy", ["transport"])
 XDS_PUSH_TIME = Histogram(

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import signal
 import sys
 import time
@@ -420,6 +421,12 @@ class FakeApiServer:
         """Watch requests, each resume counted."""
         self.watch_resource_versions: list[str] = []
         """The ``resourceVersion`` of every watch request, in order."""
+        self.status_writes = 0
+        """Accepted writes of a status subresource."""
+        self.status_writes_of: dict[tuple[str, str, str], int] = {}
+        """Accepted status writes by (kind, namespace, name)."""
+        self.conflicts_to_inject = 0
+        """Status writes to answer 409 Conflict whatever their resourceVersion."""
         self.lists_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
         """Lists started, by kind."""
         self.watches_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
@@ -448,6 +455,13 @@ class FakeApiServer:
             if resource.namespaced:
                 path = f"{resource.base}/namespaces/{{namespace}}/{resource.plural}"
                 app.router.add_get(path, handler)
+            if resource.group == GATEWAY_GROUP:
+                scoped = "/namespaces/{namespace}" if resource.namespaced else ""
+                one = f"{resource.base}{scoped}/{resource.plural}/{{name}}"
+                app.router.add_get(one, self._object_handler(resource))
+                app.router.add_get(f"{one}/status", self._object_handler(resource))
+                app.router.add_put(f"{one}/status", self._status_handler(resource))
+                app.router.add_patch(f"{one}/status", self._status_handler(resource))
         # handler_cancellation: notice clients that hang up, as a real API server does.
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
@@ -492,6 +506,10 @@ class FakeApiServer:
             generation = int(previous.obj["metadata"].get("generation") or 1)
             if previous.obj.get("spec") != obj.get("spec"):
                 generation += 1
+        if previous is not None and "status" in previous.obj:
+            # As through the main resource of a kind with a status subresource: the status
+            # is not the writer's to change.
+            obj = {**obj, "status": previous.obj["status"]}
         stored = self._store(obj, generation)
         if previous is None:
             self._append(_Change(kind, self._rv, "ADDED", None, stored.obj))
@@ -576,6 +594,96 @@ class FakeApiServer:
                 watcher.queue.put_nowait(change)
 
     # ----- HTTP ----------------------------------------------------------------------------
+
+    def _object_handler(
+        self, resource: Resource
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            found = self._lookup(resource, request)
+            if isinstance(found, web.Response):
+                return found
+            return web.Response(body=found.raw, content_type="application/json")
+
+        return handle
+
+    def _lookup(self, resource: Resource, request: web.Request) -> _Stored | web.Response:
+        if resource.kind in self._absent:
+            return _status_response(
+                status_object(404, "NotFound", "the server could not find the requested resource")
+            )
+        namespace = request.match_info.get("namespace", "")
+        name = request.match_info["name"]
+        stored = self._objects.get((resource.kind, namespace, name))
+        if stored is None:
+            message = f'{resource.plural}.{resource.group} "{name}" not found'
+            return _status_response(status_object(404, "NotFound", message))
+        return stored
+
+    def _status_handler(
+        self, resource: Resource
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            found = self._lookup(resource, request)
+            if isinstance(found, web.Response):
+                return found
+            try:
+                body = json.loads(await request.read())
+            except ValueError as exc:
+                return _status_response(status_object(400, "BadRequest", str(exc)))
+            content_type = request.headers.get("Content-Type", "")
+            current = found.obj
+            if request.method == "PATCH":
+                if content_type.startswith("application/json-patch+json"):
+                    if not isinstance(body, list):
+                        message = (
+                            "json: cannot unmarshal object into Go value of type jsonpatch.Patch"
+                        )
+                        return _status_response(status_object(400, "BadRequest", message))
+                    return _status_response(
+                        status_object(415, "UnsupportedMediaType", "JSON patch not implemented")
+                    )
+                if not content_type.startswith("application/merge-patch+json"):
+                    return _status_response(
+                        status_object(415, "UnsupportedMediaType", f"{content_type} not supported")
+                    )
+                wanted = _merge_patch(current, body)
+                sent_rv = (body.get("metadata") or {}).get("resourceVersion")
+            else:
+                if not isinstance(body, dict):
+                    return _status_response(status_object(400, "BadRequest", "not an object"))
+                wanted = {**current, "status": body.get("status")}
+                sent_rv = (body.get("metadata") or {}).get("resourceVersion")
+            if self.conflicts_to_inject > 0 or (
+                sent_rv and sent_rv != current["metadata"]["resourceVersion"]
+            ):
+                self.conflicts_to_inject = max(0, self.conflicts_to_inject - 1)
+                message = (
+                    f"Operation cannot be fulfilled on {resource.plural}.{resource.group} "
+                    f'"{current["metadata"]["name"]}": the object has been modified; please apply'
+                    " your changes to the latest version and try again"
+                )
+                return _status_response(status_object(409, "Conflict", message))
+            problems = status_problems(resource.kind, wanted.get("status"))
+            if problems:
+                message = (
+                    f'{resource.kind} "{current["metadata"]["name"]}" is invalid: '
+                    + ", ".join(problems)
+                )
+                return _status_response(status_object(422, "Invalid", message))
+            updated = copy.deepcopy(current)
+            updated["status"] = wanted.get("status")
+            key = (
+                resource.kind,
+                current["metadata"].get("namespace", ""),
+                current["metadata"]["name"],
+            )
+            stored = self._store(updated, int(current["metadata"]["generation"]))
+            self._append(_Change(resource.kind, self._rv, "MODIFIED", current, stored.obj))
+            self.status_writes += 1
+            self.status_writes_of[key] = self.status_writes_of.get(key, 0) + 1
+            return web.Response(body=stored.raw, content_type="application/json")
+
+        return handle
 
     def _handler(
         self, resource: Resource
@@ -778,6 +886,92 @@ class FakeApiServer:
 
 def _event_line(kind: str, obj: Obj) -> bytes:
     return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def _condition_problems(where: str, conditions: Any) -> list[str]:
+    if not isinstance(conditions, list) or len(conditions) > 8:
+        return [f"{where}.conditions: must be a list of at most 8"]
+    problems: list[str] = []
+    for i, c in enumerate(conditions):
+        at = f"{where}.conditions[{i}]"
+        if not isinstance(c, dict):
+            problems.append(f"{at}: must be an object")
+            continue
+        for field_name in ("type", "status", "reason", "message", "lastTransitionTime"):
+            if not isinstance(c.get(field_name), str):
+                problems.append(f"{at}.{field_name}: Required value")
+        if c.get("status") not in ("True", "False", "Unknown"):
+            problems.append(f"{at}.status: Unsupported value: {c.get('status')!r}")
+        if isinstance(c.get("reason"), str) and not _REASON.match(c["reason"]):
+            problems.append(f"{at}.reason: Invalid value")
+        if isinstance(c.get("lastTransitionTime"), str) and not _TIME.match(
+            c["lastTransitionTime"]
+        ):
+            problems.append(f"{at}.lastTransitionTime: Invalid value")
+        generation = c.get("observedGeneration", 0)
+        if not isinstance(generation, int) or generation < 0:
+            problems.append(f"{at}.observedGeneration: Invalid value")
+    return problems
+
+
+def status_problems(kind: str, status: Any) -> list[str]:
+    """What the v1.6.1 CRD schema refuses in a status (a subset of its rules: the required
+    fields, condition shapes and list limits)."""
+    if status is None:
+        return []
+    if not isinstance(status, dict):
+        return ["status: must be an object"]
+    problems: list[str] = []
+    if "conditions" in status:
+        problems += _condition_problems("status", status["conditions"])
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        parents = status.get("parents")
+        if not isinstance(parents, list) or len(parents) > 32:
+            return [*problems, "status.parents: Required value, at most 32"]
+        for i, parent in enumerate(parents):
+            at = f"status.parents[{i}]"
+            if not isinstance(parent, dict):
+                problems.append(f"{at}: must be an object")
+                continue
+            if not isinstance((parent.get("parentRef") or {}).get("name"), str):
+                problems.append(f"{at}.parentRef.name: Required value")
+            if not isinstance(parent.get("controllerName"), str):
+                problems.append(f"{at}.controllerName: Required value")
+            problems += _condition_problems(at, parent.get("conditions"))
+    if kind == "Gateway":
+        for i, listener in enumerate(status.get("listeners") or ()):
+            at = f"status.listeners[{i}]"
+            if not isinstance(listener, dict):
+                problems.append(f"{at}: must be an object")
+                continue
+            if not isinstance(listener.get("name"), str):
+                problems.append(f"{at}.name: Required value")
+            if not isinstance(listener.get("attachedRoutes"), int):
+                problems.append(f"{at}.attachedRoutes: Required value")
+            if not isinstance(listener.get("supportedKinds"), list):
+                problems.append(f"{at}.supportedKinds: Required value")
+            problems += _condition_problems(at, listener.get("conditions"))
+        for i, address in enumerate(status.get("addresses") or ()):
+            if not isinstance(address, dict) or not isinstance(address.get("value"), str):
+                problems.append(f"status.addresses[{i}].value: Required value")
+    return problems
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: a merge patch applied to ``target``."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merge_patch(merged.get(key), value)
+    return merged
 
 
 def _status_response(status: Obj) -> web.Response:

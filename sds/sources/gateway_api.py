@@ -83,6 +83,8 @@ class _KindHandler:
     def parse(self, obj: Mapping[str, Any]) -> tuple[ObjectKey, ConfigObject | None]:
         """The object's key and typed object; None when the CRD schema refuses it."""
         key = self.key_of(obj["metadata"])
+        if self._watched.group:
+            self._source.statuses[key] = obj.get("status")
         # List items of built-in kinds come without apiVersion and kind.
         document = {**obj, "apiVersion": self._watched.api_version, "kind": self._watched.kind}
         errors = schema.validate(document)
@@ -126,9 +128,16 @@ class GatewayApiSource:
         self._kubeconfig = kubeconfig
         self._settings = watch or WatchSettings()
         self._objects: dict[ObjectKey, ConfigObject] = {}
+        self.statuses: dict[ObjectKey, Any] = {}
+        """Each object's ``status`` as the cluster last showed it (what the writer compares)."""
         self._reflectors: list[Reflector[ObjectKey, ConfigObject]] = []
         self._delivery: asyncio.Handle | None = None
         self._status: tuple[bool, str] | None = None
+
+    @property
+    def objects(self) -> Mapping[ObjectKey, ConfigObject]:
+        """Every object the cluster holds that this source serves, live (not a copy)."""
+        return self._objects
 
     @property
     def config(self) -> GatewayConfig:
@@ -191,12 +200,18 @@ class GatewayApiSource:
             k for k in self._objects if k.kind == kind and (scope is None or k.namespace == scope)
         ]:
             del self._objects[key]
+        for key in [
+            k for k in self.statuses if k.kind == kind and (scope is None or k.namespace == scope)
+        ]:
+            if key not in fresh:
+                del self.statuses[key]
         self._objects.update(fresh)
         self._deliver_soon()
 
     def put(self, key: ObjectKey, value: ConfigObject | None) -> None:
         """One object added or replaced (``value``), or gone (None)."""
         if value is None:
+            self.statuses.pop(key, None)
             if self._objects.pop(key, None) is None:
                 return
         else:

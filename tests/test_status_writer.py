@@ -1,0 +1,274 @@
+"""Gateway API status written to the fake API server through the status subresource."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from sds.gatewayapi.model import ObjectKey
+from sds.registry import Registry
+from sds.sources.gateway_api import GatewayApiSource
+from sds.sources.reflector import Backoff, WatchSettings
+from sds.status_writer import StatusSettings, StatusWriter
+from sds.xds.cache import XdsCache
+from tests.fake_apiserver import FakeApiServer, gateway, gateway_class, http_route, service
+
+WAIT = 5.0
+FAST = WatchSettings(backoff=Backoff(initial=0.02, maximum=0.2), absent_interval=0.05)
+OURS = "envoymesh.io/gateway-controller"
+GROUP = "gateway.networking.k8s.io"
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def status_of(apiserver: FakeApiServer, kind: str, name: str, namespace: str = "default") -> Any:
+    obj = apiserver.get(kind, namespace, name)
+    return (obj or {}).get("status") or {}
+
+
+def our_parents(apiserver: FakeApiServer, name: str) -> list[dict[str, Any]]:
+    parents = status_of(apiserver, "HTTPRoute", name).get("parents") or []
+    return [p for p in parents if p.get("controllerName") == OURS]
+
+
+def condition(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def route_condition(apiserver: FakeApiServer, name: str, kind: str) -> dict[str, Any]:
+    parents = our_parents(apiserver, name)
+    return condition(parents[0]["conditions"], kind) if parents else {}
+
+
+def source_keys(writer: StatusWriter) -> set[ObjectKey]:
+    return set(writer.source.objects)
+
+
+@pytest.fixture
+async def writer(apiserver: FakeApiServer) -> AsyncIterator[StatusWriter]:
+    """A Gateway API source, the translation and a status writer against ``apiserver``."""
+    registry = Registry()
+    source = GatewayApiSource(registry, kube_api_url=apiserver.url, watch=FAST)
+    cache = XdsCache(registry)
+    status = StatusWriter(
+        registry,
+        cache.translator,
+        source,
+        kube_api_url=apiserver.url,
+        settings=StatusSettings(settle=0.02, resync=1.0),
+    )
+    tasks = [asyncio.create_task(job) for job in (source.run(), cache.run(), status.run())]
+    yield status
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+
+
+def apply_edge(apiserver: FakeApiServer) -> None:
+    for obj in (gateway_class(), gateway(), service("usersvc"), http_route("users")):
+        apiserver.apply(obj)
+
+
+async def test_a_route_is_accepted_under_our_controller_name(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+
+    await eventually(
+        lambda: route_condition(apiserver, "users", "Accepted").get("status") == "True"
+    )
+    parents = our_parents(apiserver, "users")
+    assert len(parents) == 1
+    assert parents[0]["parentRef"]["name"] == "edge"
+    assert route_condition(apiserver, "users", "ResolvedRefs")["status"] == "True"
+    assert route_condition(apiserver, "users", "Accepted")["observedGeneration"] == 1
+
+
+async def test_the_gateway_class_is_accepted(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+
+    await eventually(
+        lambda: (
+            condition(
+                status_of(apiserver, "GatewayClass", "envoymesh", "").get("conditions") or [],
+                "Accepted",
+            ).get("status")
+            == "True"
+        )
+    )
+
+
+async def test_the_gateway_and_its_listener_are_accepted_and_programmed(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+
+    await eventually(lambda: bool(status_of(apiserver, "Gateway", "edge").get("listeners")))
+    await eventually(
+        lambda: status_of(apiserver, "Gateway", "edge")["listeners"][0]["attachedRoutes"] == 1
+    )
+    shown = status_of(apiserver, "Gateway", "edge")
+    assert condition(shown["conditions"], "Accepted")["status"] == "True"
+    assert condition(shown["conditions"], "Programmed")["status"] == "True"
+    listener = shown["listeners"][0]
+    assert listener["name"] == "http"
+    assert {"group": GROUP, "kind": "HTTPRoute"} in listener["supportedKinds"]
+    for kind in ("Accepted", "Programmed", "ResolvedRefs"):
+        assert condition(listener["conditions"], kind)["status"] == "True"
+
+
+async def test_a_gateway_of_another_controller_gets_no_status(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apiserver.apply(gateway_class("theirs", controller="example.com/other"))
+    apiserver.apply(gateway("foreign", class_name="theirs"))
+    apply_edge(apiserver)
+
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    assert status_of(apiserver, "Gateway", "foreign") == {}
+    assert status_of(apiserver, "GatewayClass", "theirs", "") == {}
+
+
+async def test_other_controllers_entries_are_kept(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    route = http_route("users")
+    route["status"] = {
+        "parents": [
+            {
+                "parentRef": {"name": "elsewhere"},
+                "controllerName": "example.com/other",
+                "conditions": [
+                    {
+                        "type": "Accepted",
+                        "status": "True",
+                        "reason": "Accepted",
+                        "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                        "observedGeneration": 1,
+                    }
+                ],
+            }
+        ]
+    }
+    apiserver.apply(route)
+    apply_edge(apiserver)
+
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    controllers = [
+        p["controllerName"] for p in status_of(apiserver, "HTTPRoute", "users")["parents"]
+    ]
+    assert controllers == ["example.com/other", OURS]
+
+
+async def test_a_missing_backend_then_created_is_reflected(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    for obj in (gateway_class(), gateway(), http_route("users", backend="missing")):
+        apiserver.apply(obj)
+    await eventually(
+        lambda: (
+            route_condition(apiserver, "users", "ResolvedRefs").get("reason") == "BackendNotFound"
+        )
+    )
+
+    apiserver.apply(service("missing"))
+
+    await eventually(
+        lambda: route_condition(apiserver, "users", "ResolvedRefs").get("status") == "True"
+    )
+
+
+async def test_a_spec_change_bumps_the_observed_generation(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+
+    apiserver.apply(http_route("users", path="/user"))
+
+    await eventually(
+        lambda: route_condition(apiserver, "users", "Accepted").get("observedGeneration") == 2
+    )
+
+
+async def test_nothing_is_written_when_nothing_changed(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    await eventually(lambda: writer.recompute() == 0)
+    writes = apiserver.status_writes
+
+    apiserver.apply(http_route("users"))  # the same spec: a new resourceVersion, no change
+    apiserver.apply(service("unrelated"))
+    await eventually(lambda: ObjectKey("Service", "default", "unrelated") in source_keys(writer))
+    await eventually(lambda: writer.recompute() == 0)
+
+    assert apiserver.status_writes == writes
+    assert apiserver.status_writes_of[("HTTPRoute", "default", "users")] == 1
+
+
+async def test_a_conflict_is_retried_with_a_fresh_read(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apiserver.conflicts_to_inject = 2
+
+    apply_edge(apiserver)
+
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    assert apiserver.conflicts_to_inject == 0
+
+
+async def test_the_api_server_refuses_a_status_breaking_the_schema(
+    apiserver: FakeApiServer,
+) -> None:
+    apiserver.apply(http_route("users"))
+    bad = {"status": {"parents": [{"parentRef": {"name": "edge"}, "conditions": []}]}}
+    async with client.ApiClient(client.Configuration(host=apiserver.url)) as api_client:
+        api = client.CustomObjectsApi(api_client)
+        with pytest.raises(ApiException) as refused:
+            await api.replace_namespaced_custom_object_status(
+                GROUP, "v1", "default", "httproutes", "users", bad
+            )
+    assert refused.value.status == 422
+
+
+async def test_the_api_server_refuses_a_json_patch_that_is_not_a_list(
+    apiserver: FakeApiServer,
+) -> None:
+    apiserver.apply(http_route("users"))
+    async with client.ApiClient(client.Configuration(host=apiserver.url)) as api_client:
+        api = client.CustomObjectsApi(api_client)
+        with pytest.raises(ApiException) as refused:
+            await api.patch_namespaced_custom_object_status(
+                GROUP, "v1", "default", "httproutes", "users", {"status": {}}
+            )
+    assert refused.value.status == 400
+
+
+async def test_the_api_server_refuses_a_stale_resource_version(
+    apiserver: FakeApiServer,
+) -> None:
+    stored = apiserver.apply(http_route("users"))
+    apiserver.apply(http_route("users", path="/moved"))
+    body = {"metadata": {"resourceVersion": stored["metadata"]["resourceVersion"]}, "status": {}}
+    async with client.ApiClient(client.Configuration(host=apiserver.url)) as api_client:
+        api = client.CustomObjectsApi(api_client)
+        with pytest.raises(ApiException) as refused:
+            await api.replace_namespaced_custom_object_status(
+                GROUP, "v1", "default", "httproutes", "users", body
+            )
+    assert refused.value.status == 409
