@@ -74,9 +74,11 @@ RESOURCES: dict[str, Resource] = {
         Resource("HTTPRoute", f"{GATEWAY_GROUP}/v1", "httproutes"),
         Resource("GRPCRoute", f"{GATEWAY_GROUP}/v1", "grpcroutes"),
         Resource("ReferenceGrant", f"{GATEWAY_GROUP}/v1beta1", "referencegrants"),
+        Resource("Lease", "coordination.k8s.io/v1", "leases"),
     )
 }
 GATEWAY_API_KINDS = tuple(k for k, r in RESOURCES.items() if r.group == GATEWAY_GROUP)
+LEASES = RESOURCES["Lease"]
 
 Obj = dict[str, Any]
 Predicate = Callable[[Obj], bool]
@@ -425,6 +427,10 @@ class FakeApiServer:
         """Accepted writes of a status subresource."""
         self.status_writes_of: dict[tuple[str, str, str], int] = {}
         """Accepted status writes by (kind, namespace, name)."""
+        self.lease_writes = 0
+        """Accepted creates and replaces of Leases."""
+        self.lease_conflicts = 0
+        """Lease replaces refused 409 for a stale resourceVersion."""
         self.conflicts_to_inject = 0
         """Status writes to answer 409 Conflict whatever their resourceVersion."""
         self.lists_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
@@ -455,6 +461,11 @@ class FakeApiServer:
             if resource.namespaced:
                 path = f"{resource.base}/namespaces/{{namespace}}/{resource.plural}"
                 app.router.add_get(path, handler)
+        leases = f"{LEASES.base}/namespaces/{{namespace}}/leases"
+        app.router.add_post(leases, self._create_lease)
+        app.router.add_get(f"{leases}/{{name}}", self._object_handler(LEASES))
+        app.router.add_put(f"{leases}/{{name}}", self._replace_lease)
+        for resource in RESOURCES.values():
             if resource.group == GATEWAY_GROUP:
                 scoped = "/namespaces/{namespace}" if resource.namespaced else ""
                 one = f"{resource.base}{scoped}/{resource.plural}/{{name}}"
@@ -618,6 +629,40 @@ class FakeApiServer:
             message = f'{resource.plural}.{resource.group} "{name}" not found'
             return _status_response(status_object(404, "NotFound", message))
         return stored
+
+    async def _create_lease(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        namespace = request.match_info["namespace"]
+        name = body["metadata"]["name"]
+        if ("Lease", namespace, name) in self._objects:
+            message = f'leases.coordination.k8s.io "{name}" already exists'
+            return _status_response(status_object(409, "AlreadyExists", message))
+        body["metadata"]["namespace"] = namespace
+        stored = self._store({**body, "kind": "Lease", "apiVersion": LEASES.api_version})
+        self._append(_Change("Lease", self._rv, "ADDED", None, stored.obj))
+        self.lease_writes += 1
+        return web.Response(status=201, body=stored.raw, content_type="application/json")
+
+    async def _replace_lease(self, request: web.Request) -> web.Response:
+        found = self._lookup(LEASES, request)
+        if isinstance(found, web.Response):
+            return found
+        body = json.loads(await request.read())
+        sent = (body.get("metadata") or {}).get("resourceVersion")
+        current = found.obj
+        if not sent or sent != current["metadata"]["resourceVersion"]:
+            message = (
+                f'Operation cannot be fulfilled on leases.coordination.k8s.io "'
+                f'{current["metadata"]["name"]}": the object has been modified; please apply'
+                " your changes to the latest version and try again"
+            )
+            self.lease_conflicts += 1
+            return _status_response(status_object(409, "Conflict", message))
+        replaced = {**current, "spec": body.get("spec") or {}}
+        stored = self._store(replaced, int(current["metadata"]["generation"]))
+        self._append(_Change("Lease", self._rv, "MODIFIED", current, stored.obj))
+        self.lease_writes += 1
+        return web.Response(body=stored.raw, content_type="application/json")
 
     def _status_handler(
         self, resource: Resource
