@@ -47,6 +47,27 @@ class Settings(BaseSettings):
         description="seconds a Kubernetes watch may stay silent before it is resumed"
         " (the API server sends a bookmark about once a minute)",
     )
+    lease_name: str = Field(
+        "envoymesh-sds",
+        description="the coordination.k8s.io Lease whose holder alone writes Gateway API status",
+    )
+    lease_holder: str = Field(
+        "", description="this replica's identity in the Lease (default: $POD_NAME, else host_pid)"
+    )
+    lease_namespace: str = Field(
+        "default", description="the Lease's namespace (the manifests give sds's own)"
+    )
+    lease_duration: float = Field(
+        15.0, gt=0, description="seconds a Lease not renewed stays its holder's"
+    )
+    lease_renew_deadline: float = Field(
+        10.0,
+        gt=0,
+        description="seconds the leader keeps trying to renew before it stops writing",
+    )
+    lease_retry_period: float = Field(
+        2.0, gt=0, description="seconds between tries to acquire or renew the Lease"
+    )
     config_dir: str = Field(
         "",
         description="directory of Gateway API YAML (GatewayClass, Gateway, HTTPRoute, GRPCRoute,"

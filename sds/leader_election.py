@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from sds.sources.reflector import connect
+from sds.sources.reflector import Backoff, connect_retrying
 
 log = logging.getLogger("sds.leader")
 
@@ -85,7 +85,7 @@ class LeaderElector:
 
     async def run(self) -> None:
         """Acquire and renew until cancelled; then release the Lease if we hold it."""
-        api_client = await connect(self._kube_api_url, self._kubeconfig)
+        api_client = await connect_retrying(self._kube_api_url, self._kubeconfig, Backoff(), log)
         api = client.CoordinationV1Api(api_client)
         try:
             while True:

@@ -12,7 +12,7 @@ import signal
 import socket
 from collections.abc import Coroutine, Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import APIRouter
@@ -37,6 +37,9 @@ from sds.xds.grpc_server import start_grpc_server
 from sds.xds.proxies import ProxyTracker
 from sds.xds.rest import xds_rest_router
 from sds.xds.stream import stream_factory
+
+if TYPE_CHECKING:
+    from sds.status_writer import StatusWriter
 
 log = logging.getLogger("sds")
 
@@ -74,6 +77,7 @@ class SdsServer:
             registration_namespace=settings.registration_namespace,
         )
         self.config_source: ConfigDirSource | None = None
+        self.status_writer: StatusWriter | None = None
         if settings.config_dir:
             self.config_source = ConfigDirSource(
                 self.registry,
@@ -156,6 +160,35 @@ class SdsServer:
                 watch=WatchSettings(read_timeout=settings.kube_read_timeout),
             )
             self._jobs["gateway-api"] = gateway_api.run()
+            from sds.leader_election import (  # noqa: PLC0415 - optional
+                LeaderElectionSettings,
+                LeaderElector,
+            )
+            from sds.status_writer import StatusWriter  # noqa: PLC0415 - optional
+
+            # Every replica serves the same xDS; only the Lease holder writes status.
+            elector = LeaderElector(
+                kube_api_url=settings.kube_api_url,
+                kubeconfig=settings.kubeconfig,
+                holder=settings.lease_holder,
+                settings=LeaderElectionSettings(
+                    name=settings.lease_name,
+                    namespace=settings.lease_namespace,
+                    lease_duration=settings.lease_duration,
+                    renew_deadline=settings.lease_renew_deadline,
+                    retry_period=settings.lease_retry_period,
+                ),
+            )
+            self._jobs["leader-election"] = elector.run()
+            self.status_writer = StatusWriter(
+                self.registry,
+                self.xds.translator,
+                gateway_api,
+                kube_api_url=settings.kube_api_url,
+                kubeconfig=settings.kubeconfig,
+                may_write=lambda: elector.leading,
+            )
+            self._jobs["status-writer"] = self.status_writer.run()
         self.tls = (
             ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_cert_file

@@ -41,7 +41,7 @@ from sds.gatewayapi.model import (
 )
 from sds.registry import Registry
 from sds.sources.gateway_api import KINDS, GatewayApiSource
-from sds.sources.reflector import connect
+from sds.sources.reflector import Backoff, connect_retrying
 from sds.translate.gateways import Condition
 from sds.translate.translator import Translator
 
@@ -239,7 +239,7 @@ class StatusWriter:
 
     async def run(self) -> None:
         """Recompute on every change and write the queue, until cancelled."""
-        api_client = await connect(self._kube_api_url, self._kubeconfig)
+        api_client = await connect_retrying(self._kube_api_url, self._kubeconfig, Backoff(), log)
         try:
             api = client.CustomObjectsApi(api_client)
             async with asyncio.TaskGroup() as group:

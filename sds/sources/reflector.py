@@ -126,6 +126,22 @@ async def connect(kube_api_url: str, kubeconfig: str) -> client.ApiClient:
     return client.ApiClient(await _configuration(kube_api_url, kubeconfig))
 
 
+async def connect_retrying(
+    kube_api_url: str, kubeconfig: str, backoff: Backoff, logger: logging.Logger
+) -> client.ApiClient:
+    """:func:`connect`, retried with ``backoff`` until a configuration loads."""
+    attempt = 0
+    while True:
+        try:
+            return await connect(kube_api_url, kubeconfig)
+        # Configuration loading fails in many library-specific ways (missing files, bad
+        # YAML, exec plugins); all of them mean the same: retry later.
+        except Exception as exc:
+            logger.error("no usable Kubernetes API configuration", extra={"error": str(exc)})
+        await asyncio.sleep(backoff.delay(attempt))
+        attempt += 1
+
+
 async def _configuration(kube_api_url: str, kubeconfig: str) -> client.Configuration:
     if kube_api_url:
         return client.Configuration(host=kube_api_url.rstrip("/"))
