@@ -475,28 +475,89 @@ def test_secret_settings_come_from_secret_refs(objects: list[dict[str, Any]]) ->
                 assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name}: {var}"
 
 
-def test_rbac_grants_no_verb_beyond_get_list_watch(objects: list[dict[str, Any]]) -> None:
+def test_rbac_writes_only_status_and_the_lease(objects: list[dict[str, Any]]) -> None:
     roles = [o for o in objects if o["kind"] in {"Role", "ClusterRole"}]
     for role in roles:
         for rule in role["rules"]:
-            assert set(rule["verbs"]) <= READ_VERBS, role["metadata"]["name"]
+            writes = set(rule["verbs"]) - READ_VERBS
+            if not writes:
+                continue
+            resources = set(rule["resources"])
+            if resources == {"leases"}:
+                assert writes == {"create"} or rule.get("resourceNames") == ["envoymesh-sds"]
+            else:
+                assert writes == {"update"}, role["metadata"]["name"]
+                assert all(r.endswith("/status") for r in resources), role["metadata"]["name"]
 
 
-def test_sds_may_read_only_endpointslices_in_its_namespace(eds: list[dict[str, Any]]) -> None:
+def test_sds_may_read_its_kinds_in_its_namespace_and_write_their_status(
+    eds: list[dict[str, Any]],
+) -> None:
     role = find(eds, "ClusterRole", "envoymesh-sds")
+    gateway_api = "gateway.networking.k8s.io"
     assert role["rules"] == [
         {
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+        {
+            "apiGroups": [gateway_api],
+            "resources": ["gateways", "httproutes", "grpcroutes", "referencegrants"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {
+            "apiGroups": [gateway_api],
+            "resources": ["gateways/status", "httproutes/status", "grpcroutes/status"],
+            "verbs": ["update"],
+        },
     ]
     binding = find(eds, "RoleBinding", "sds")
     assert binding["roleRef"]["name"] == "envoymesh-sds"
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "sds", "namespace": NAMESPACE}
     ]
-    assert not [o for o in eds if o["kind"] == "ClusterRoleBinding"]
+
+
+def test_sds_cluster_grant_covers_gatewayclasses_alone(eds: list[dict[str, Any]]) -> None:
+    bindings = [o for o in eds if o["kind"] == "ClusterRoleBinding"]
+    assert [b["roleRef"]["name"] for b in bindings] == ["envoymesh-sds-gatewayclasses"]
+    assert bindings[0]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "sds", "namespace": NAMESPACE}
+    ]
+    role = find(eds, "ClusterRole", "envoymesh-sds-gatewayclasses")
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {
+        "gatewayclasses",
+        "gatewayclasses/status",
+    }
+
+
+def test_sds_may_hold_only_its_own_lease(eds: list[dict[str, Any]]) -> None:
+    role = find(eds, "Role", "sds-leader-election")
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["envoymesh-sds"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = find(eds, "RoleBinding", "sds-leader-election")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "sds-leader-election",
+    }
+
+
+def test_sds_holds_the_lease_in_its_namespace_under_its_pod_name(
+    eds: list[dict[str, Any]],
+) -> None:
+    env = env_of(container(eds, "sds", "sds"))
+    assert env["SDS_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 # ----- Kubernetes: the components ----------------------------------------------------------
