@@ -10,7 +10,7 @@ what it shows and checking it:
 3. routing from sds: an HTTPRoute written into sds's config directory is served, then removed,
    with the same edge Envoy process throughout;
 4. proxyless gRPC: 12 GetUser calls through ``xds:///usersvc-grpc``, 4 per replica, no Envoy;
-5. faults heal: a replica killed under load costs no request, and comes back;
+5. faults heal: a replica killed under load costs at most 3 GETs (usually none), and comes back;
 6. where to look: the live view, ``meshctl proxy-status`` and ``meshctl routes``, ``meshctl up``.
 
 Each user is saved with its own credentials, so a second run updates the users the first one
@@ -48,6 +48,10 @@ CANARY_HEADER = "x-envoymesh-route"
 # How long sds may take to serve a config file's change at the edge.
 ROUTE_TIMEOUT = 30.0
 PROBE_TIMEOUT = 90.0
+# The fault suite's bound for a killed replica (tests/test_faults.py). Usually 0: the edge
+# retries a GET the replica never answered. A GET it had begun to answer when it died reached
+# the client in part, and cannot be retried.
+KILLED_REPLICA_MAX_FAILED = 3
 
 
 class StepFailed(Exception):
@@ -348,13 +352,17 @@ async def run_demo(settings: MeshSettings) -> int:
         )
         after = Counter(outcome.replicas_after)
         say(f"  answers in the 3 s after: {_counts(list(after.elements()))}")
-        if outcome.failed != 0:
+        if outcome.failed > KILLED_REPLICA_MAX_FAILED or outcome.late_failures:
             raise StepFailed(f"{outcome.failed} requests failed: {outcome.failures}")
         if victim.usersvc.restarts != restarts + 1:
             raise StepFailed(f"{victim.at.name} was not restarted")
         if set(outcome.replicas_after) != {r.at.address for r in mesh.replicas.values()}:
             raise StepFailed(f"not every replica serves again: {outcome.replicas_after}")
-        return f"0 of {outcome.sent} requests failed; {victim.at.name} is back and serving"
+        return (
+            f"{outcome.failed} of {outcome.sent} requests failed "
+            f"(at most {KILLED_REPLICA_MAX_FAILED}, none once healed); "
+            f"{victim.at.name} is back and serving"
+        )
 
     async def where() -> str:
         async with httpx.AsyncClient(timeout=5) as sds:

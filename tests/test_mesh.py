@@ -144,24 +144,6 @@ async def run(argv: list[str], log: Path, timeout: float = 60) -> tuple[int, str
     return code, log.read_text()
 
 
-async def test_meshctl_demo_walks_the_tutorial_and_exits_zero_twice_in_a_row(
-    tmp_path: Path, postgres_url: str
-) -> None:
-    # The second run meets the users the first one saved: it updates them as their owner.
-    for attempt in (1, 2):
-        ports = port_args(free_mesh_ports())
-        argv = meshctl("demo", f"--run-dir={tmp_path / f'demo{attempt}'}", *ports)
-        code, output = await run(
-            [*argv, f"--database-url={postgres_url}"], tmp_path / f"demo{attempt}.out", 120
-        )
-        assert code == 0, output
-        if attempt == 2:
-            assert "alice updated by its owner (HTTP 200)" in output
-        assert "PUT alice without her password is refused" in output
-        assert "each of the 3 replicas answered exactly 4 times" in output
-        assert "All steps held." in output
-
-
 async def test_meshctl_up_scale_status_proxy_status_and_clean_stop(
     tmp_path: Path, postgres_url: str
 ) -> None:
