@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench proto clean
+.PHONY: demo test lint format bench proto docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ proto: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I . \
 		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 		usersvc/proto/users.proto
+
+# The flag and environment tables in docs/ are generated from --help; tests/test_docs.py fails
+# when they are stale.
+docs: $(STAMP)
+	$(BIN)/python -m envoymesh.docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache run

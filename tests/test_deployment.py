@@ -266,8 +266,8 @@ def test_overlay_passes_strict_schema_validation(objects: list[dict[str, Any]]) 
     assert failures == []
 
 
-def test_readme_names_the_validated_kubernetes_version() -> None:
-    assert f"Kubernetes {KUBERNETES_VERSION}" in (ROOT / "README.md").read_text()
+def test_deploy_docs_name_the_validated_kubernetes_version() -> None:
+    assert f"Kubernetes {KUBERNETES_VERSION}" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 def test_overlay_deploys_into_the_envoymesh_namespace(objects: list[dict[str, Any]]) -> None:

@@ -160,7 +160,7 @@ def edge_config(
     template: str = "edge-eds",
     with_cert: bool = True,
 ) -> str:
-    """A shipped edge template, its cluster to sds wrapped in TLS as the README shows."""
+    """A shipped edge template, its cluster to sds wrapped in TLS as docs/security.md shows."""
     config = yaml.safe_load(
         render(
             template,
