@@ -20,6 +20,7 @@ Only a replica allowed to (``may_write``, the Lease holder) writes, checked befo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,15 +56,19 @@ _WRITTEN_KINDS = frozenset({GATEWAY_CLASS, GATEWAY, HTTP_ROUTE, GRPC_ROUTE})
 class StatusSettings:
     """How status is written: the rate, the retries, how long to let the translation settle.
 
-    ``settle`` is the pause between a registry change and the recompute: the translation runs
+    ``concurrency`` writes are in flight at most (one per object at a time). ``settle`` is the
+    pause between a registry change and the recompute: the translation runs
     one xDS debounce after the change. ``resync`` recomputes everything even without a change
-    (a missed moment costs nothing: equal statuses are not written).
+    (a missed moment costs nothing: equal statuses are not written). ``follower_poll`` is how
+    often a replica that does not write looks whether it may now.
     """
 
-    writes_per_second: float = 100.0
-    burst: int = 200
+    writes_per_second: float = 500.0
+    burst: int = 500
+    concurrency: int = 8
     conflict_retries: int = 5
     settle: float = 0.05
+    follower_poll: float = 0.1
     resync: float = 30.0
     request_timeout: float = 10.0
 
@@ -143,6 +148,7 @@ class StatusWriter:
         self._may_write = may_write
         self._queue: dict[ObjectKey, None] = {}  # an ordered set
         self._queued = asyncio.Event()
+        self._in_flight: set[ObjectKey] = set()
         self._written: dict[ObjectKey, Any] = {}  # our part, as last written (stripped)
         self.writes = 0
         """Status writes the API server accepted."""
@@ -242,37 +248,51 @@ class StatusWriter:
         api_client = await connect_retrying(self._kube_api_url, self._kubeconfig, Backoff(), log)
         try:
             api = client.CustomObjectsApi(api_client)
+            bucket = _Bucket(self._settings.writes_per_second, self._settings.burst)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._follow(), name="status-recompute")
-                group.create_task(self._drain(api), name="status-writes")
+                for number in range(self._settings.concurrency):
+                    group.create_task(self._drain(api, bucket), name=f"status-writes-{number}")
         finally:
             await api_client.close()
 
     async def _follow(self) -> None:
         seen = -1
+        leading = False
         while True:
-            seen = await self._registry.wait_for_change(seen, timeout=self._settings.resync)
-            await asyncio.sleep(self._settings.settle)
-            if self._may_write():
+            # A follower looks often whether it leads now: then it recomputes at once, since
+            # the changes it saw as a follower were not written by anyone yet.
+            timeout = self._settings.resync if leading else self._settings.follower_poll
+            revision = await self._registry.wait_for_change(seen, timeout=timeout)
+            moved, seen = revision != seen, revision
+            was_leading, leading = leading, self._may_write()
+            if leading:  # a change, the resync, or leadership just gained
+                await asyncio.sleep(self._settings.settle)
                 self.recompute()
-            else:
+            elif was_leading or moved:
                 # Another replica writes: what we wrote may no longer be what the cluster has.
                 self._written.clear()
                 self._queue.clear()
 
-    async def _drain(self, api: client.CustomObjectsApi) -> None:
-        bucket = _Bucket(self._settings.writes_per_second, self._settings.burst)
+    async def _drain(self, api: client.CustomObjectsApi, bucket: _Bucket) -> None:
         while True:
-            if not self._queue:
+            key = next((k for k in self._queue if k not in self._in_flight), None)
+            if key is None:
                 self._queued.clear()
-                await asyncio.wait_for(self._queued.wait(), self._settings.resync)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), self._settings.resync)
                 continue
-            key = next(iter(self._queue))
             del self._queue[key]
             if not self._may_write() or not self._stale(key):
                 continue
-            await bucket.take()
-            await self._write(api, key)
+            self._in_flight.add(key)
+            try:
+                await bucket.take()
+                await self._write(api, key)
+            finally:
+                self._in_flight.discard(key)
+                if self._queue:
+                    self._queued.set()  # a key skipped while this one was in flight
 
     async def _write(self, api: client.CustomObjectsApi, key: ObjectKey) -> None:
         watched = _PLURALS[key.kind]

@@ -82,9 +82,22 @@ class _KindHandler:
 
     def parse(self, obj: Mapping[str, Any]) -> tuple[ObjectKey, ConfigObject | None]:
         """The object's key and typed object; None when the CRD schema refuses it."""
-        key = self.key_of(obj["metadata"])
+        metadata = obj["metadata"]
+        key = self.key_of(metadata)
         if self._watched.group:
             self._source.statuses[key] = obj.get("status")
+            # A write of the status subresource leaves generation and labels alone: the
+            # object need not be checked and parsed again.
+            known = self._source.objects.get(key)
+            if (
+                known is not None
+                and known.meta.generation == int(metadata.get("generation") or 1)
+                and known.meta.labels
+                == tuple(
+                    sorted((str(k), str(v)) for k, v in (metadata.get("labels") or {}).items())
+                )
+            ):
+                return key, known
         # List items of built-in kinds come without apiVersion and kind.
         document = {**obj, "apiVersion": self._watched.api_version, "kind": self._watched.kind}
         errors = schema.validate(document)
@@ -214,6 +227,8 @@ class GatewayApiSource:
             self.statuses.pop(key, None)
             if self._objects.pop(key, None) is None:
                 return
+        elif self._objects.get(key) is value:
+            return
         else:
             self._objects[key] = value
         self._deliver_soon()
