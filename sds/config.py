@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="seconds a Kubernetes watch may stay silent before it is resumed"
         " (the API server sends a bookmark about once a minute)",
     )
+    gateway_address: CommaList = Field(
+        default_factory=list,
+        description="addresses written to every Gateway's status (default: those of the Service"
+        " labelled gateway.networking.k8s.io/gateway-name=<gateway>, else the Gateway's own)",
+    )
     lease_name: str = Field(
         "envoymesh-sds",
         description="the coordination.k8s.io Lease whose holder alone writes Gateway API status",

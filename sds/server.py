@@ -187,6 +187,7 @@ class SdsServer:
                 kube_api_url=settings.kube_api_url,
                 kubeconfig=settings.kubeconfig,
                 may_write=lambda: elector.leading,
+                gateway_addresses=settings.gateway_address,
             )
             self._jobs["status-writer"] = self.status_writer.run()
         self.tls = (

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -100,6 +101,14 @@ def _conditions(conditions: tuple[Condition, ...], generation: int) -> list[dict
     return [c.as_json(generation) for c in conditions]
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _strip(value: Any) -> Any:
     """``value`` without ``lastTransitionTime``: what decides whether a write is needed."""
     if isinstance(value, dict):
@@ -138,6 +147,7 @@ class StatusWriter:
         kubeconfig: str = "",
         settings: StatusSettings | None = None,
         may_write: Callable[[], bool] = lambda: True,
+        gateway_addresses: Sequence[str] = (),
     ) -> None:
         self._registry = registry
         self._translator = translator
@@ -147,6 +157,7 @@ class StatusWriter:
         self._kubeconfig = kubeconfig
         self._settings = settings or StatusSettings()
         self._may_write = may_write
+        self._gateway_addresses = tuple(gateway_addresses)
         self._queue: dict[ObjectKey, None] = {}  # an ordered set
         self._queued = asyncio.Event()
         self._in_flight: set[ObjectKey] = set()
@@ -187,7 +198,10 @@ class StatusWriter:
                     }
                     for listener in status.listeners
                 ],
-                "addresses": [{"type": "IPAddress", "value": a} for a in status.addresses],
+                "addresses": [
+                    {"type": "IPAddress" if _is_ip(a) else "Hostname", "value": a}
+                    for a in self._addresses(key, status.addresses)
+                ],
             }
         if key.kind in (HTTP_ROUTE, GRPC_ROUTE):
             parents = self._translator.route_status(key)
@@ -200,6 +214,12 @@ class StatusWriter:
                 for p in parents
             ]
         return None
+
+    def _addresses(self, key: ObjectKey, declared: tuple[str, ...]) -> tuple[str, ...]:
+        """--gateway-address, else the Gateway's labelled Service's, else its spec's."""
+        if self._gateway_addresses:
+            return self._gateway_addresses
+        return self.source.gateway_addresses.get((key.namespace, key.name)) or declared
 
     @staticmethod
     def ours(kind: str, status: Any) -> Any:
@@ -273,8 +293,10 @@ class StatusWriter:
             # A follower looks often whether it leads now: then it recomputes at once, since
             # the changes it saw as a follower were not written by anyone yet.
             timeout = self._settings.resync if leading else self._settings.follower_poll
-            revision = await self._registry.wait_for_change(seen, timeout=timeout)
-            moved, seen = revision != seen, revision
+            revision = await self._wait(seen, timeout)
+            moved = revision != seen or self.source.inputs_changed.is_set()
+            seen = revision
+            self.source.inputs_changed.clear()
             was_leading, leading = leading, self._may_write()
             if leading:  # a change, the resync, or leadership just gained
                 await asyncio.sleep(self._settings.settle)
@@ -283,6 +305,19 @@ class StatusWriter:
                 # Another replica writes: what we wrote may no longer be what the cluster has.
                 self._written.clear()
                 self._queue.clear()
+
+    async def _wait(self, seen: int, timeout: float) -> int:
+        """The registry's revision once it passed ``seen`` or the source's other inputs moved,
+        or after ``timeout``."""
+        changes = asyncio.create_task(self._registry.wait_for_change(seen, timeout))
+        inputs = asyncio.create_task(self.source.inputs_changed.wait())
+        try:
+            await asyncio.wait({changes, inputs}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (changes, inputs):
+                task.cancel()
+            await asyncio.gather(changes, inputs, return_exceptions=True)
+        return self._registry.revision
 
     async def _drain(self, api: client.CustomObjectsApi, bucket: _Bucket) -> None:
         while True:

@@ -272,3 +272,37 @@ async def test_the_api_server_refuses_a_stale_resource_version(
                 GROUP, "v1", "default", "httproutes", "users", body
             )
     assert refused.value.status == 409
+
+
+def edge_service(address: str) -> dict[str, Any]:
+    """The edge Envoys' Service, labelled for the Gateway, with a load balancer address."""
+    obj = service("edge-envoy")
+    obj["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] = "edge"
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": address}]}}
+    return obj
+
+
+def gateway_addresses(apiserver: FakeApiServer) -> list[str]:
+    return [a["value"] for a in status_of(apiserver, "Gateway", "edge").get("addresses") or ()]
+
+
+async def test_the_gateway_addresses_are_its_labelled_services(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apiserver.apply(edge_service("203.0.113.7"))
+    apply_edge(apiserver)
+
+    await eventually(lambda: gateway_addresses(apiserver) == ["203.0.113.7"])
+
+
+async def test_a_new_load_balancer_address_reaches_the_gateway_status(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apiserver.apply(edge_service("203.0.113.7"))
+    apply_edge(apiserver)
+    await eventually(lambda: gateway_addresses(apiserver) == ["203.0.113.7"])
+
+    apiserver.delete("default", "edge-envoy", kind="Service")
+    apiserver.apply(edge_service("203.0.113.8"))
+
+    await eventually(lambda: gateway_addresses(apiserver) == ["203.0.113.8"])

@@ -35,6 +35,8 @@ CONFIG_SOURCE = "kubernetes"
 STATUS_NAME = "gateway-api"
 """This source's entry in ``/readyz``."""
 GROUP = "gateway.networking.k8s.io"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+"""The label of the Service in front of a Gateway's Envoys: its addresses are the Gateway's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class _KindHandler:
         """The object's key and typed object; None when the CRD schema refuses it."""
         metadata = obj["metadata"]
         key = self.key_of(metadata)
+        if not self._watched.group:
+            self._source.note_gateway_service(key, obj)
         if self._watched.group:
             self._source.statuses[key] = obj.get("status")
             # A write of the status subresource leaves generation and labels alone: the
@@ -141,6 +145,11 @@ class GatewayApiSource:
         self._kubeconfig = kubeconfig
         self._settings = watch or WatchSettings()
         self._objects: dict[ObjectKey, ConfigObject] = {}
+        self.gateway_addresses: dict[tuple[str, str], tuple[str, ...]] = {}
+        """(namespace, Gateway name) -> the addresses of the Service labelled for it."""
+        self._gateway_services: dict[ObjectKey, tuple[str, str]] = {}
+        self.inputs_changed = asyncio.Event()
+        """Set when status inputs that are not config move (a Gateway Service's addresses)."""
         self.statuses: dict[ObjectKey, Any] = {}
         """Each object's ``status`` as the cluster last showed it (what the writer compares)."""
         self._reflectors: list[Reflector[ObjectKey, ConfigObject]] = []
@@ -218,11 +227,19 @@ class GatewayApiSource:
         ]:
             if key not in fresh:
                 del self.statuses[key]
+        for key in [
+            k
+            for k in self._gateway_services
+            if k.kind == kind and (scope is None or k.namespace == scope) and k not in fresh
+        ]:
+            self.note_gateway_service(key, None)
         self._objects.update(fresh)
         self._deliver_soon()
 
     def put(self, key: ObjectKey, value: ConfigObject | None) -> None:
         """One object added or replaced (``value``), or gone (None)."""
+        if key.kind == model.SERVICE and value is None:
+            self.note_gateway_service(key, None)
         if value is None:
             self.statuses.pop(key, None)
             if self._objects.pop(key, None) is None:
@@ -232,6 +249,21 @@ class GatewayApiSource:
         else:
             self._objects[key] = value
         self._deliver_soon()
+
+    def note_gateway_service(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
+        """Track the addresses of a Service labelled with a Gateway's name (None: gone)."""
+        previous = self._gateway_services.pop(key, None)
+        labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+        gateway_name = labels.get(GATEWAY_NAME_LABEL)
+        before = dict(self.gateway_addresses)
+        if previous is not None:
+            self.gateway_addresses.pop(previous, None)
+        if obj is not None and isinstance(gateway_name, str):
+            target = (key.namespace, gateway_name)
+            self._gateway_services[key] = target
+            self.gateway_addresses[target] = _service_addresses(obj)
+        if self.gateway_addresses != before:
+            self.inputs_changed.set()
 
     def _deliver_soon(self) -> None:
         # The events of one read arrive without a pause: deliver them as one config.
@@ -273,6 +305,16 @@ class GatewayApiSource:
             log.info("Gateway API source ready", extra={"objects": len(self._objects)})
         self._status = (ready, reason)
         self._registry.set_source_status(STATUS_NAME, ready=ready, reason=reason)
+
+
+def _service_addresses(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """A Service's load balancer addresses, else its cluster IPs."""
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or ()
+    found = [i.get("ip") or i.get("hostname") for i in ingress if isinstance(i, dict)]
+    if not any(found):
+        spec = obj.get("spec") or {}
+        found = list(spec.get("clusterIPs") or [spec.get("clusterIP")])
+    return tuple(a for a in found if isinstance(a, str) and a and a != "None")
 
 
 def _call(
