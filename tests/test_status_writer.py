@@ -16,7 +16,14 @@ from sds.sources.gateway_api import GatewayApiSource
 from sds.sources.reflector import Backoff, WatchSettings
 from sds.status_writer import StatusSettings, StatusWriter
 from sds.xds.cache import XdsCache
-from tests.fake_apiserver import FakeApiServer, gateway, gateway_class, http_route, service
+from tests.fake_apiserver import (
+    FakeApiServer,
+    gateway,
+    gateway_class,
+    http_route,
+    reference_grant,
+    service,
+)
 
 WAIT = 5.0
 FAST = WatchSettings(backoff=Backoff(initial=0.02, maximum=0.2), absent_interval=0.05)
@@ -306,3 +313,36 @@ async def test_a_new_load_balancer_address_reaches_the_gateway_status(
     apiserver.apply(edge_service("203.0.113.8"))
 
     await eventually(lambda: gateway_addresses(apiserver) == ["203.0.113.8"])
+
+
+async def test_a_route_to_a_missing_gateway_is_not_accepted_no_matching_parent(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+    apiserver.apply(http_route("lost", gateway_name="nowhere"))
+
+    await eventually(
+        lambda: route_condition(apiserver, "lost", "Accepted").get("reason") == "NoMatchingParent"
+    )
+    assert route_condition(apiserver, "lost", "Accepted")["status"] == "False"
+
+
+async def test_a_cross_namespace_backend_without_a_grant_is_ref_not_permitted(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+    apiserver.apply(service("usersvc", "backends"))
+    route = http_route("users")
+    route["spec"]["rules"][0]["backendRefs"][0]["namespace"] = "backends"
+    apiserver.apply(route)
+    await eventually(
+        lambda: (
+            route_condition(apiserver, "users", "ResolvedRefs").get("reason") == "RefNotPermitted"
+        )
+    )
+
+    apiserver.apply(reference_grant("from-default", "backends", from_namespace="default"))
+
+    await eventually(
+        lambda: route_condition(apiserver, "users", "ResolvedRefs").get("status") == "True"
+    )
