@@ -301,15 +301,19 @@ class SdsProcess:
 async def sds_process(run_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start real ``sds`` processes on free loopback ports; all stopped at teardown.
 
-    ``start(*flags, env=..., scheme=...)`` adds flags and environment to the loopback
-    addresses and ports; it returns once ``/healthcheck`` answers.
+    ``start(*flags, env=..., scheme=..., ports=(http, grpc))`` adds flags and environment to
+    the loopback addresses and ports (free ones unless given: a restart reuses them); it
+    returns once ``/healthcheck`` answers.
     """
     started: list[ManagedProcess] = []
 
     async def start(
-        *flags: str, env: dict[str, str] | None = None, scheme: str = "http"
+        *flags: str,
+        env: dict[str, str] | None = None,
+        scheme: str = "http",
+        ports: tuple[int, int] | None = None,
     ) -> SdsProcess:
-        http, grpc = free_port(), free_port()
+        http, grpc = ports or (free_port(), free_port())
         proc = ManagedProcess(
             f"sds-{len(started)}",
             [
@@ -617,3 +621,111 @@ async def start_gateway(
         return GatewayMesh(sds, envoy, config_dir, port)
 
     return start
+
+
+def named_grpc_handler(name: str) -> Any:
+    """A gRPC handler answering every unary method with ``name`` (raw bytes): who answered."""
+    import grpc  # noqa: PLC0415 - only the gRPC tests need it
+
+    async def answer(request: bytes, context: Any) -> bytes:
+        return name.encode()
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+    return Handler()
+
+
+@pytest.fixture
+async def grpc_backends() -> AsyncIterator[Callable[..., Any]]:
+    """Start gRPC servers on free loopback ports, each answering every method with its name
+    (see :func:`named_grpc_handler`); ``await start(name)`` returns the port."""
+    import grpc  # noqa: PLC0415
+
+    servers: list[Any] = []
+
+    async def start(name: str) -> int:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((named_grpc_handler(name),))
+        port = int(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+        return port
+
+    yield start
+    await asyncio.gather(*(server.stop(grace=None) for server in servers))
+
+
+class GrpcCaller:
+    """A proxyless gRPC client process (``tests/grpc_client.py``) and every call it made."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.calls: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.calls.append(json.loads(line))
+
+    async def next_calls(self, count: int, deadline: float = 20.0) -> list[dict[str, Any]]:
+        """The next ``count`` calls it makes."""
+        start = len(self.calls)
+        async with asyncio.timeout(deadline):
+            while len(self.calls) < start + count:
+                if self._reader.done():
+                    raise RuntimeError(f"gRPC client exited: {self.calls[-3:]}")
+                await asyncio.sleep(0.02)
+        return self.calls[start : start + count]
+
+    async def until(
+        self, check: Callable[[list[dict[str, Any]]], bool], window: int = 20, deadline: float = 20
+    ) -> None:
+        """Wait until ``check`` holds for its last ``window`` calls."""
+        async with asyncio.timeout(deadline):
+            while True:
+                calls = await self.next_calls(window, deadline)
+                if check(calls):
+                    return
+
+    async def stop(self) -> None:
+        """Close its stdin (it stops calling) and wait for it to exit."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@pytest.fixture
+async def grpc_clients() -> AsyncIterator[Callable[..., Any]]:
+    """Start proxyless gRPC client processes: ``await start(bootstrap_json, target, *methods,
+    header=("name", "value"))`` calls ``xds:///target`` in a loop. All stopped at teardown."""
+    started: list[GrpcCaller] = []
+    script = str(Path(__file__).with_name("grpc_client.py"))
+
+    async def start(
+        bootstrap: str, target: str, *methods: str, header: tuple[str, str] | None = None
+    ) -> GrpcCaller:
+        extra = ["--header", f"{header[0]}={header[1]}"] if header else []
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            script,
+            target,
+            *methods,
+            *extra,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap},
+        )
+        caller = GrpcCaller(proc)
+        started.append(caller)
+        return caller
+
+    yield start
+    await asyncio.gather(*(caller.stop() for caller in started))

@@ -246,7 +246,7 @@ class MeshTranslator:
         """
         rebind = keys is None or any(k.kind in (GRPC_ROUTE, SERVICE, REFERENCE_GRANT) for k in keys)
         if not rebind and self._looked_up:
-            # A route's backend that appeared or went away changes its ResolvedRefs.
+            # A route's parent or backend that appeared or went away changes its status.
             exists = self.translator.service_exists
             looked = (
                 set(self._looked_up)
@@ -301,6 +301,7 @@ class MeshTranslator:
     ) -> tuple[Condition, ...]:
         translator = self.translator
         resolved = Condition("ResolvedRefs", True, "ResolvedRefs")
+        looked_up.add((parent.namespace, parent.name))  # its existence decides attachment
         if not translator.service_exists(parent.namespace, parent.name):
             message = f"Service {parent.namespace}/{parent.name} does not exist"
             return (Condition("Accepted", False, "NoMatchingParent", message), resolved)
