@@ -27,7 +27,7 @@ from envoymesh.procs import ManagedProcess, wait_http
 from meshctl.addresses import ReplicaAddress, loopback_aliases_work, replica_address
 from meshctl.envoy import EnvoyProxy
 from meshctl.postgres import LocalPostgres, PostgresError
-from sds.bootstrap import envoy_bootstrap
+from sds.bootstrap import envoy_bootstrap, grpc_bootstrap
 
 # A component that keeps dying is restarted at most this often.
 RESTART_MIN_INTERVAL = 2.0
@@ -254,6 +254,8 @@ class Mesh:
         # environment, not the command line, where `ps` would show it.
         self.write_token = secrets.token_urlsafe(32)
         self.write_token_file = self.run_dir / "sds-write-token"
+        # GRPC_XDS_BOOTSTRAP for proxyless gRPC clients: xds:///usersvc-grpc, no Envoy.
+        self.grpc_bootstrap_file = self.run_dir / "grpc-bootstrap.json"
         self.edge_url = f"http://127.0.0.1:{settings.edge_port}"
         self.replicas: dict[int, Replica] = {}
         # The Gateway edge names a Service port, the same on every replica: that needs each
@@ -313,6 +315,11 @@ class Mesh:
         fd = os.open(self.write_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(self.write_token + "\n")
+
+    def _save_grpc_bootstrap(self) -> None:
+        """The gRPC xDS bootstrap (``sds bootstrap --grpc``) of a client of this mesh's sds."""
+        bootstrap = grpc_bootstrap(f"127.0.0.1:{self.settings.sds_grpc_port}", node_id="grpc")
+        self.grpc_bootstrap_file.write_text(json.dumps(bootstrap, indent=2) + "\n")
 
     @property
     def usersvc_cluster(self) -> str:
@@ -415,6 +422,7 @@ class Mesh:
             self.write_config()
         say("  starting sds ...")
         await asyncio.to_thread(self._save_write_token)
+        await asyncio.to_thread(self._save_grpc_bootstrap)
         await self.sds.start()
         await wait_http(f"{self.sds_url}/healthcheck", timeout=30, process=self.sds.proc)
         # Replicas first: the edge then finds them registered and is ready at once.
