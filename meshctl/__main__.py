@@ -68,9 +68,11 @@ def _add_mesh_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--edge",
-        choices=("ads", "rest"),
-        default=_env("edge", "ads"),
-        help="how the edge reaches sds: ADS push or REST polling [env MESHCTL_EDGE, default ads]",
+        choices=("gateway", "ads", "rest"),
+        default=_env("edge", "gateway"),
+        help="the edge's configuration: gateway (everything from sds: listeners, routes, clusters"
+        " and endpoints, from the Gateway in run/config), or the tutorial's static edge with EDS"
+        " from sds over ads (push) or rest (polling) [env MESHCTL_EDGE, default gateway]",
     )
     parser.add_argument(
         "--heartbeat-interval",

@@ -11,7 +11,7 @@ import pytest
 
 from envoymesh.envoyconf import TemplateError, placeholders, render
 from envoymesh.ports import free_port, port_is_free
-from meshctl.__main__ import busy_ports
+from meshctl.__main__ import build_parser, busy_ports
 from meshctl.addresses import replica_address
 from meshctl.mesh import PORT_FIELDS, REPLICA_PORT_FIELDS, MeshSettings, free_mesh_ports
 from meshctl.proxy_status import format_proxies
@@ -234,3 +234,13 @@ def test_ports_for_a_test_mesh_never_overlap() -> None:
         used = [p for name in REPLICA_PORT_FIELDS for p in range(ports[name], ports[name] + 21)]
         used += [ports[name] for name in PORT_FIELDS]
         assert len(used) == len(set(used))
+
+
+def test_meshctl_up_defaults_to_the_same_edge_as_the_mesh_settings() -> None:
+    assert build_parser().parse_args(["up"]).edge == MeshSettings(run_dir=Path("run")).edge
+    assert MeshSettings(run_dir=Path("run")).edge == "gateway"
+
+
+@pytest.mark.parametrize("edge", ["gateway", "ads", "rest"])
+def test_meshctl_up_accepts_every_edge(edge: str) -> None:
+    assert build_parser().parse_args(["up", "--edge", edge]).edge == edge
