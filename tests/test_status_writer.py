@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -61,8 +62,10 @@ def source_keys(writer: StatusWriter) -> set[ObjectKey]:
     return set(writer.source.objects)
 
 
-@pytest.fixture
-async def writer(apiserver: FakeApiServer) -> AsyncIterator[StatusWriter]:
+@contextlib.asynccontextmanager
+async def running_writer(
+    apiserver: FakeApiServer, gateway_addresses: tuple[str, ...] = ()
+) -> AsyncIterator[StatusWriter]:
     """A Gateway API source, the translation and a status writer against ``apiserver``."""
     registry = Registry()
     source = GatewayApiSource(registry, kube_api_url=apiserver.url, watch=FAST)
@@ -73,12 +76,22 @@ async def writer(apiserver: FakeApiServer) -> AsyncIterator[StatusWriter]:
         source,
         kube_api_url=apiserver.url,
         settings=StatusSettings(settle=0.02, resync=1.0),
+        gateway_addresses=gateway_addresses,
     )
     tasks = [asyncio.create_task(job) for job in (source.run(), cache.run(), status.run())]
-    yield status
-    for task in tasks:
-        task.cancel()
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+    try:
+        yield status
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+
+
+@pytest.fixture
+async def writer(apiserver: FakeApiServer) -> AsyncIterator[StatusWriter]:
+    """A status writer with the default settings against ``apiserver``."""
+    async with running_writer(apiserver) as status:
+        yield status
 
 
 def apply_edge(apiserver: FakeApiServer) -> None:
@@ -313,6 +326,21 @@ async def test_a_new_load_balancer_address_reaches_the_gateway_status(
     apiserver.apply(edge_service("203.0.113.8"))
 
     await eventually(lambda: gateway_addresses(apiserver) == ["203.0.113.8"])
+
+
+async def test_gateway_address_settings_override_the_labelled_service(
+    apiserver: FakeApiServer,
+) -> None:
+    apiserver.apply(edge_service("203.0.113.7"))
+    apply_edge(apiserver)
+
+    async with running_writer(apiserver, ("198.51.100.1", "edge.example.com")):
+        await eventually(
+            lambda: gateway_addresses(apiserver) == ["198.51.100.1", "edge.example.com"]
+        )
+
+    types = [a["type"] for a in status_of(apiserver, "Gateway", "edge")["addresses"]]
+    assert types == ["IPAddress", "Hostname"]
 
 
 async def test_a_route_to_a_missing_gateway_is_not_accepted_no_matching_parent(
