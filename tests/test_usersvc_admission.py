@@ -218,3 +218,83 @@ async def test_the_count_returns_to_zero_after_clients_leave_midway(
     assert hashing.running == 0
     after = await client.put("/user/after", json={"fullname": "A", "password": "pw"})
     assert after.status_code == 201
+
+
+async def hold_the_slot(client: httpx.AsyncClient) -> asyncio.StreamWriter:
+    """The head of a PUT whose body never comes: it holds the one hashing place until closed."""
+    port = int(str(client.base_url).rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"PUT /user/held HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    return writer
+
+
+async def test_a_refusal_is_answered_after_the_refusal_delay_with_retry_after(
+    start_app: Callable[..., Any],
+) -> None:
+    app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=2.0)
+    hashing, pacing = app.state.hashing, app.state.pacing
+    writer = await hold_the_slot(client)
+    try:
+        await until(lambda: hashing.admitted == 1)
+        refused = asyncio.create_task(
+            client.put("/user/late", json={"fullname": "L", "password": "pw"})
+        )
+        await until(lambda: pacing.held == 1)
+        assert not refused.done()
+        assert hashing.refused == 1
+        reply = await refused
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert reply.status_code == 503
+    assert int(reply.headers["retry-after"]) >= 1
+    assert pacing.held == 0
+    assert pacing.paused == 1
+    assert pacing.unpaced == 0
+
+
+async def test_refusals_beyond_the_held_cap_are_answered_at_once(
+    start_app: Callable[..., Any],
+) -> None:
+    app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=5.0)
+    hashing, pacing = app.state.hashing, app.state.pacing
+    pacing.cap = 2
+    writer = await hold_the_slot(client)
+    try:
+        await until(lambda: hashing.admitted == 1)
+        refused = [
+            asyncio.create_task(client.put(f"/user/r{i}", json={"fullname": "R", "password": "pw"}))
+            for i in range(6)
+        ]
+        await until(lambda: sum(task.done() for task in refused) == 4)
+        assert pacing.held == 2
+        assert pacing.unpaced == 4
+        replies = await asyncio.gather(*refused)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert [r.status_code for r in replies] == [503] * 6
+    assert all(int(r.headers["retry-after"]) >= 1 for r in replies)
+    assert hashing.refused == 6
+    assert pacing.paused == 2
+    assert pacing.held == 0
+
+
+async def test_with_no_refusal_delay_nothing_is_held(start_app: Callable[..., Any]) -> None:
+    app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=0.0)
+    hashing, pacing = app.state.hashing, app.state.pacing
+    writer = await hold_the_slot(client)
+    try:
+        await until(lambda: hashing.admitted == 1)
+        replies = await sign_up(client, 8, prefix="now")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert [r.status_code for r in replies] == [503] * 8
+    assert hashing.refused == 8
+    assert pacing.paused == 0
+    assert pacing.unpaced == 0

@@ -6,12 +6,20 @@ a refusal here reads no body, runs no routing, validation or dependency, and sen
 built once. An admitted request holds its place in the hashing queue until it ends (see
 :meth:`usersvc.passwords.Hashing.admit`), so it is never refused later.
 
+A refused request is answered after a short pause (``--hash-refusal-delay``, a tarpit): a
+client that ignores Retry-After and comes straight back then sends a few refused requests a
+second per connection instead of thousands, which would otherwise take the core from the
+hashes. Its Retry-After is read from the backlog when the answer goes, so it stays true. At
+most :data:`HELD_CAP` refusals are paused at once; any more are answered at once, so a flood of
+new connections cannot make the pause hold unbounded memory.
+
 Requests that hash: ``PUT /user/<name>`` (a sign-up, or an update that proves a password or sets
 a new one), ``DELETE /user/<name>`` with Basic credentials, and ``POST /user/<name>/login``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +29,8 @@ from envoymesh.limits import ASGIApp, Receive, Scope, Send
 from usersvc.passwords import Hashing, HashingBusy
 
 BUSY_MESSAGE = "busy: too many password checks at once; retry shortly"
+# Refusals paused at once: a few MiB of waiting requests at most.
+HELD_CAP = 1024
 
 _USER = re.compile(r"/user/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(/login)?")
 
@@ -41,19 +51,52 @@ def hashes(scope: Scope) -> bool:
     )
 
 
+class RefusalPacing:
+    """The pause before a refusal's answer: ``delay`` seconds, for at most ``cap`` at once."""
+
+    def __init__(self, delay: float, cap: int = HELD_CAP) -> None:
+        self.delay = delay
+        self.cap = cap
+        # Refusals paused now, paused in all, and answered at once because ``cap`` were paused.
+        self.held = 0
+        self.paused = 0
+        self.unpaced = 0
+
+    async def pause(self) -> bool:
+        """Wait ``delay`` seconds unless none is set or ``cap`` refusals are waiting; True if
+        it waited."""
+        if not self.delay:
+            return False
+        if self.held >= self.cap:
+            self.unpaced += 1
+            return False
+        self.held += 1
+        self.paused += 1
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.held -= 1
+        return True
+
+
 class HashingGate:
-    """Admit a hashing request into ``hashing``'s queue, or answer 503 at once.
+    """Admit a hashing request into ``hashing``'s queue, or answer 503 after ``pacing``'s pause.
 
     ``extra_fields`` returns what every error body carries besides ``ok`` and ``error``; it is
     read once, at the first refusal (after start-up, when the identity is known).
     """
 
     def __init__(
-        self, app: ASGIApp, hashing: Hashing, extra_fields: Callable[[], dict[str, Any]]
+        self,
+        app: ASGIApp,
+        hashing: Hashing,
+        extra_fields: Callable[[], dict[str, Any]],
+        pacing: RefusalPacing,
     ) -> None:
         self.app = app
         self.hashing = hashing
         self.extra_fields = extra_fields
+        self.pacing = pacing
         self._body: bytes | None = None
         self._starts: dict[int, dict[str, Any]] = {}
 
@@ -82,7 +125,11 @@ class HashingGate:
         try:
             place = self.hashing.admit()
         except HashingBusy as busy:
-            await send(self._response_start(busy.retry_after))
+            retry_after = busy.retry_after
+            if await self.pacing.pause():
+                # The backlog as it is now, when the answer goes.
+                retry_after = self.hashing.retry_after()
+            await send(self._response_start(retry_after))
             await send({"type": "http.response.body", "body": self._body})
             return
         with place:

@@ -22,7 +22,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from envoymesh.limits import BodySizeLimit
 from usersvc import auth, grpc_api, passwords, ratelimit, users
-from usersvc.admission import BUSY_MESSAGE, HashingGate
+from usersvc.admission import BUSY_MESSAGE, HashingGate, RefusalPacing
 from usersvc.config import Settings
 from usersvc.db import Database, DatabaseUnavailable
 from usersvc.identity import Identity, discover
@@ -434,5 +434,7 @@ def create_app(settings: Settings) -> FastAPI:
         # X-Forwarded-For, read from the right, names the client only past these proxies.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     # Outermost, so that a refusal costs no body read and no framework work.
-    app.add_middleware(HashingGate, hashing=hashing, extra_fields=stamp)
+    pacing = RefusalPacing(settings.hash_refusal_delay)
+    app.state.pacing = pacing
+    app.add_middleware(HashingGate, hashing=hashing, extra_fields=stamp, pacing=pacing)
     return app

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         description="most requests waiting for a hashing slot, whatever --hash-wait allows "
         "(default: 64 per slot)",
     )
+    hash_refusal_delay: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="seconds a refused hashing request waits before its 503, so clients that "
+        "ignore Retry-After come back less often (0: answer at once)",
+    )
     login_failures: int = Field(
         10, ge=1, description="failed logins per (username, client) before 429s"
     )

@@ -139,12 +139,16 @@ class Hashing:
             return 0.0
         return (ahead - self.concurrency + 1) / self.concurrency * self._hash_seconds
 
+    def retry_after(self) -> int:
+        """Whole seconds, at least one, until the backlog ahead of a new request has drained."""
+        return max(1, math.ceil(self.expected_wait(self._admitted)))
+
     def check(self) -> None:
         """Raise :class:`HashingBusy` when one more request may not take a place now."""
         ahead = self._admitted
         if ahead - self.concurrency >= self.queue or self.expected_wait(ahead) > self.wait_budget:
             self.refused += 1
-            raise HashingBusy(max(1, math.ceil(self.expected_wait(ahead))))
+            raise HashingBusy(self.retry_after())
 
     def admit(self) -> AbstractContextManager[None]:
         """A place in the queue for the current request, to hold with ``with``; or raise
@@ -174,7 +178,7 @@ class Hashing:
             async with asyncio.timeout(self._wait_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise HashingBusy(max(1, math.ceil(self.expected_wait(self._admitted)))) from None
+            raise HashingBusy(self.retry_after()) from None
         finally:
             self._waiting -= 1
         self._running += 1
