@@ -640,15 +640,19 @@ def named_grpc_handler(name: str) -> Any:
 @pytest.fixture
 async def grpc_backends() -> AsyncIterator[Callable[..., Any]]:
     """Start gRPC servers on free loopback ports, each answering every method with its name
-    (see :func:`named_grpc_handler`); ``await start(name)`` returns the port."""
+    (see :func:`named_grpc_handler`); ``await start(name)`` returns the port, and
+    ``await start(name, credentials)`` serves with those server credentials (TLS)."""
     import grpc  # noqa: PLC0415
 
     servers: list[Any] = []
 
-    async def start(name: str) -> int:
+    async def start(name: str, credentials: grpc.ServerCredentials | None = None) -> int:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((named_grpc_handler(name),))
-        port = int(server.add_insecure_port("127.0.0.1:0"))
+        if credentials is None:
+            port = int(server.add_insecure_port("127.0.0.1:0"))
+        else:
+            port = int(server.add_secure_port("127.0.0.1:0", credentials))
         await server.start()
         servers.append(server)
         return port
@@ -705,14 +709,21 @@ class GrpcCaller:
 @pytest.fixture
 async def grpc_clients() -> AsyncIterator[Callable[..., Any]]:
     """Start proxyless gRPC client processes: ``await start(bootstrap_json, target, *methods,
-    header=("name", "value"))`` calls ``xds:///target`` in a loop. All stopped at teardown."""
+    header=("name", "value"))`` calls ``xds:///target`` in a loop; ``tls=True`` gives its
+    channel xDS credentials, so the Clusters' TLS applies. All stopped at teardown."""
     started: list[GrpcCaller] = []
     script = str(Path(__file__).with_name("grpc_client.py"))
 
     async def start(
-        bootstrap: str, target: str, *methods: str, header: tuple[str, str] | None = None
+        bootstrap: str,
+        target: str,
+        *methods: str,
+        header: tuple[str, str] | None = None,
+        tls: bool = False,
     ) -> GrpcCaller:
         extra = ["--header", f"{header[0]}={header[1]}"] if header else []
+        if tls:
+            extra.append("--tls")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             script,
