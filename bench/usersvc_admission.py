@@ -33,7 +33,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LOAD_CPUS, SERVER_CPUS, machine, usersvc_on_postgres
-from bench.usersvc_flood import peak_rss_bytes
+from bench.usersvc_flood import load_average, peak_rss_bytes
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -162,11 +162,6 @@ async def refusal_cost(pid: int, base: str, connections: int, duration: float) -
         f"loop {loop_cpu / duration:.0%} of a core, load generator "
         f"{puts['cpu_seconds'] / duration:.0%} of CPU {sorted(LOAD_CPUS)}"
     )
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages: whether the machine had other work meanwhile."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 async def main(duration: float, counts: list[int], env: dict[str, str]) -> None:

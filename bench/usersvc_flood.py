@@ -1,9 +1,9 @@
 """usersvc under a sign-up flood: N concurrent PUTs of new users, peak RSS and latencies.
 
 Starts a private PostgreSQL and one usersvc process, opens N connections and sends one
-``PUT /user/<new name>`` on each at the same moment. Every answer must be 201 or a quick 503
-(the expected wait for a hash over its budget, with Retry-After) or 429; none a 500 or a
-timeout. Prints the answers, p50/p99 per status and usersvc's peak RSS (VmHWM).
+``PUT /user/<new name>`` on each at the same moment. Every answer must be 201, a 503 (the
+expected wait for a hash over its budget; with Retry-After, after the refusal delay) or a 429;
+none a 500 or a timeout. Prints the answers, p50/p99 per status and usersvc's peak RSS (VmHWM).
 Run: ``.venv/bin/python bench/usersvc_flood.py``.
 """
 
@@ -45,6 +45,11 @@ class FloodResult:
         if len(values) == 1:
             return values[0]
         return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: whether the machine had other work meanwhile."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -112,10 +117,12 @@ async def main(count: int, env: dict[str, str]) -> None:
     print(
         f"setup: 1 usersvc process (uvicorn, pool 10) with {said['hash_concurrency']} hashing "
         f"slot(s), at most {said['hash_queue']} waiting and an expected wait of at most "
-        f"{said['hash_wait']} s (defaults: the CPU quota less one, 64 per slot, 2 s; one hash "
-        f"measured {said['hash_seconds'] * 1000:.0f} ms at start) + PostgreSQL {bindir}; "
+        f"{said['hash_wait']} s, refusals answered after {said['hash_refusal_delay']} s "
+        f"(defaults: the CPU quota less one, 64 per slot, 2 s, 0.5 s; one hash measured"
+        f" {said['hash_seconds'] * 1000:.0f} ms at start) + PostgreSQL {bindir}; "
         f"{count} connections from this process "
-        "(aiohttp), one PUT /user/<new> each, all released at once"
+        "(aiohttp), one PUT /user/<new> each, all released at once; load average after: "
+        + load_average()
     )
     print(f"answers: {dict(sorted(result.statuses.items()))}  errors: {dict(result.errors)}")
     print(f"503/429 without Retry-After: {result.missing_retry_after}")

@@ -234,6 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "hash_concurrency": hashing.concurrency,
                 "hash_queue": hashing.queue,
                 "hash_wait": hashing.wait_budget,
+                "hash_refusal_delay": settings.hash_refusal_delay,
                 "hash_seconds": round(hashing.hash_seconds, 4),
             },
         )
