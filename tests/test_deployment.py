@@ -35,10 +35,16 @@ from tests.conftest import DATA, ROOT, RunningSds
 # The Kubernetes version the docs name; 1.33 made native sidecar containers GA.
 KUBERNETES_VERSION = "1.33"
 NAMESPACE = "envoymesh"
-OVERLAYS = ("eds", "step1-strict-dns")
+# The default first: the Gateway API setup; then the tutorial's two steps.
+DEFAULT_OVERLAY = "gateway"
+OVERLAYS = (DEFAULT_OVERLAY, "eds", "step1-strict-dns")
+SDS_OVERLAYS = (DEFAULT_OVERLAY, "eds")
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+CONTROLLER_NAME = "envoymesh.io/gateway-controller"
+GATEWAY_BOOTSTRAP = ROOT / "k8s" / "overlays" / "gateway" / "namespaced" / "edge-gateway.json"
 SECRET_ENV = "base/postgres.env"  # relative to k8s/
 SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET", re.IGNORECASE)
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "GatewayClass"}
 WORKLOADS = {"Deployment", "StatefulSet"}
 READ_VERBS = {"get", "list", "watch"}
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -252,12 +258,37 @@ def eds(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rendered["eds"]
 
 
+@pytest.fixture
+def gateway(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return rendered[DEFAULT_OVERLAY]
+
+
+@pytest.fixture(params=SDS_OVERLAYS)
+def with_sds(rendered: dict[str, list[dict[str, Any]]], request: pytest.FixtureRequest) -> Any:
+    """The objects of each overlay that runs sds."""
+    return rendered[request.param]
+
+
 # ----- Kubernetes: schema and layout -------------------------------------------------------
 
 
+def is_gateway_api(obj: dict[str, Any]) -> bool:
+    return str(obj["apiVersion"]).startswith(f"{GATEWAY_API_GROUP}/")
+
+
+def gateway_api_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if is_gateway_api(o)]
+
+
 def test_overlay_passes_strict_schema_validation(objects: list[dict[str, Any]]) -> None:
+    from sds.gatewayapi import schema  # noqa: PLC0415 - only these tests need it
+
     failures = []
     for obj in objects:
+        if is_gateway_api(obj):
+            # kubernetes-validate has no CRD schemas: sds's own, the API server's checks.
+            failures += [f"{obj['kind']}: {e.path}: {e.message}" for e in schema.validate(obj)]
+            continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -289,6 +320,29 @@ def test_eds_overlay_deploys_every_component(eds: list[dict[str, Any]]) -> None:
     }
     services = {o["metadata"]["name"] for o in eds if o["kind"] == "Service"}
     assert services == {"postgres", "usersvc", "sds", "edge-envoy"}
+
+
+def test_gateway_overlay_deploys_every_component_and_the_gateway_api_objects(
+    gateway: list[dict[str, Any]],
+) -> None:
+    assert {(o["kind"], o["metadata"]["name"]) for o in workloads(gateway)} == {
+        ("StatefulSet", "postgres"),
+        ("Deployment", "usersvc"),
+        ("Deployment", "sds"),
+        ("Deployment", "edge-envoy"),
+    }
+    assert {(o["kind"], o["metadata"]["name"]) for o in gateway_api_objects(gateway)} == {
+        ("GatewayClass", "envoymesh"),
+        ("Gateway", "edge"),
+        ("HTTPRoute", "usersvc"),
+    }
+
+
+def test_tutorial_overlays_have_no_gateway_api_objects(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for overlay in ("eds", "step1-strict-dns"):
+        assert gateway_api_objects(rendered[overlay]) == [], overlay
 
 
 def test_step1_overlay_runs_without_sds(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -490,51 +544,85 @@ def test_rbac_writes_only_status_and_the_lease(objects: list[dict[str, Any]]) ->
                 assert all(r.endswith("/status") for r in resources), role["metadata"]["name"]
 
 
-def test_sds_may_read_its_kinds_in_its_namespace_and_write_their_status(
-    eds: list[dict[str, Any]],
+def test_sds_may_watch_its_kinds_in_its_namespace_and_write_their_status(
+    with_sds: list[dict[str, Any]],
 ) -> None:
-    role = find(eds, "ClusterRole", "envoymesh-sds")
-    gateway_api = "gateway.networking.k8s.io"
+    role = find(with_sds, "ClusterRole", "envoymesh-sds")
+    # Reflectors list and watch; the status writer alone reads one object (get) and replaces
+    # its status (update), of the kinds whose status it writes.
     assert role["rules"] == [
         {
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
+            "verbs": ["list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
+        {
+            "apiGroups": [GATEWAY_API_GROUP],
+            "resources": ["referencegrants"],
+            "verbs": ["list", "watch"],
+        },
+        {
+            "apiGroups": [GATEWAY_API_GROUP],
+            "resources": ["gateways", "httproutes", "grpcroutes"],
             "verbs": ["get", "list", "watch"],
         },
-        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
         {
-            "apiGroups": [gateway_api],
-            "resources": ["gateways", "httproutes", "grpcroutes", "referencegrants"],
-            "verbs": ["get", "list", "watch"],
-        },
-        {
-            "apiGroups": [gateway_api],
+            "apiGroups": [GATEWAY_API_GROUP],
             "resources": ["gateways/status", "httproutes/status", "grpcroutes/status"],
             "verbs": ["update"],
         },
     ]
-    binding = find(eds, "RoleBinding", "sds")
+    binding = find(with_sds, "RoleBinding", "sds")
     assert binding["roleRef"]["name"] == "envoymesh-sds"
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "sds", "namespace": NAMESPACE}
     ]
 
 
-def test_sds_cluster_grant_covers_gatewayclasses_alone(eds: list[dict[str, Any]]) -> None:
-    bindings = [o for o in eds if o["kind"] == "ClusterRoleBinding"]
+def test_sds_cluster_grant_covers_gatewayclasses_alone(with_sds: list[dict[str, Any]]) -> None:
+    bindings = [o for o in with_sds if o["kind"] == "ClusterRoleBinding"]
     assert [b["roleRef"]["name"] for b in bindings] == ["envoymesh-sds-gatewayclasses"]
     assert bindings[0]["subjects"] == [
         {"kind": "ServiceAccount", "name": "sds", "namespace": NAMESPACE}
     ]
-    role = find(eds, "ClusterRole", "envoymesh-sds-gatewayclasses")
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {
-        "gatewayclasses",
-        "gatewayclasses/status",
+    role = find(with_sds, "ClusterRole", "envoymesh-sds-gatewayclasses")
+    assert role["rules"] == [
+        {
+            "apiGroups": [GATEWAY_API_GROUP],
+            "resources": ["gatewayclasses"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {
+            "apiGroups": [GATEWAY_API_GROUP],
+            "resources": ["gatewayclasses/status"],
+            "verbs": ["update"],
+        },
+    ]
+
+
+def test_sds_is_granted_nothing_beyond_its_three_roles(with_sds: list[dict[str, Any]]) -> None:
+    roles = {o["metadata"]["name"] for o in with_sds if o["kind"] in {"Role", "ClusterRole"}}
+    bound = {
+        o["roleRef"]["name"]
+        for o in with_sds
+        if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}
+        and {"kind": "ServiceAccount", "name": "sds", "namespace": NAMESPACE} in o["subjects"]
     }
+    assert roles == {"envoymesh-sds", "envoymesh-sds-gatewayclasses", "sds-leader-election"}
+    assert bound == roles
+    wildcards = [
+        rule
+        for o in with_sds
+        if o["kind"] in {"Role", "ClusterRole"}
+        for rule in o["rules"]
+        if "*" in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    ]
+    assert wildcards == []
 
 
-def test_sds_may_hold_only_its_own_lease(eds: list[dict[str, Any]]) -> None:
-    role = find(eds, "Role", "sds-leader-election")
+def test_sds_may_hold_only_its_own_lease(with_sds: list[dict[str, Any]]) -> None:
+    role = find(with_sds, "Role", "sds-leader-election")
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {
@@ -544,7 +632,7 @@ def test_sds_may_hold_only_its_own_lease(eds: list[dict[str, Any]]) -> None:
             "verbs": ["get", "update"],
         },
     ]
-    binding = find(eds, "RoleBinding", "sds-leader-election")
+    binding = find(with_sds, "RoleBinding", "sds-leader-election")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -553,9 +641,9 @@ def test_sds_may_hold_only_its_own_lease(eds: list[dict[str, Any]]) -> None:
 
 
 def test_sds_holds_the_lease_in_its_namespace_under_its_pod_name(
-    eds: list[dict[str, Any]],
+    with_sds: list[dict[str, Any]],
 ) -> None:
-    env = env_of(container(eds, "sds", "sds"))
+    env = env_of(container(with_sds, "sds", "sds"))
     assert env["SDS_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
@@ -683,10 +771,10 @@ def test_sds_picks_the_sidecar_port_of_its_own_namespace(eds: list[dict[str, Any
 
 
 def test_sds_runs_two_replicas_probed_on_healthcheck_and_readyz(
-    eds: list[dict[str, Any]],
+    with_sds: list[dict[str, Any]],
 ) -> None:
-    assert find(eds, "Deployment", "sds")["spec"]["replicas"] == 2
-    sds = container(eds, "sds", "sds")
+    assert find(with_sds, "Deployment", "sds")["spec"]["replicas"] == 2
+    sds = container(with_sds, "sds", "sds")
     assert sds["livenessProbe"]["httpGet"]["path"] == "/healthcheck"
     assert sds["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
@@ -742,6 +830,159 @@ def test_step1_edge_finds_usersvc_by_strict_dns(
     assert endpoint["address"]["socket_address"] == {
         "address": f"usersvc.{NAMESPACE}.svc.cluster.local",
         "port_value": find(objects, "Service", "usersvc")["spec"]["ports"][0]["port"],
+    }
+
+
+# ----- Kubernetes: the Gateway API setup (the default overlay) -----------------------------
+
+
+def gateway_api_document(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [o for o in gateway_api_objects(objects) if o["kind"] == kind]
+    return found
+
+
+def test_gateway_api_objects_are_admitted_by_sds_schemas(gateway: list[dict[str, Any]]) -> None:
+    # The v1.6.1 CRDs' schemas when sds/gatewayapi/crds/ holds them, else sds's own.
+    from sds.gatewayapi import schema  # noqa: PLC0415 - only these tests need it
+
+    for obj in gateway_api_objects(gateway):
+        admitted, errors = schema.admit(obj)
+        assert errors == [], obj["kind"]
+        assert admitted is not None
+        assert admitted["metadata"]["name"] == obj["metadata"]["name"]
+
+
+def test_gatewayclass_is_cluster_scoped_and_names_our_controller(
+    gateway: list[dict[str, Any]],
+) -> None:
+    gateway_class = gateway_api_document(gateway, "GatewayClass")
+    assert "namespace" not in gateway_class["metadata"]
+    assert gateway_class["spec"]["controllerName"] == CONTROLLER_NAME
+    edge = gateway_api_document(gateway, "Gateway")
+    assert edge["spec"]["gatewayClassName"] == gateway_class["metadata"]["name"]
+
+
+def test_gateway_listens_on_the_edge_envoys_port(gateway: list[dict[str, Any]]) -> None:
+    (listener,) = gateway_api_document(gateway, "Gateway")["spec"]["listeners"]
+    (service_port,) = find(gateway, "Service", "edge-envoy")["spec"]["ports"]
+    assert listener["protocol"] == "HTTP"
+    assert listener["port"] == service_port["port"]
+    assert listener["port"] == port_named(container(gateway, "edge-envoy", "envoy"), "http")
+
+
+def test_edge_service_is_labelled_as_the_gateways_addresses(
+    gateway: list[dict[str, Any]],
+) -> None:
+    edge = gateway_api_document(gateway, "Gateway")
+    labels = find(gateway, "Service", "edge-envoy")["metadata"]["labels"]
+    assert labels["gateway.networking.k8s.io/gateway-name"] == edge["metadata"]["name"]
+
+
+def test_httproute_sends_user_to_the_usersvc_sidecar_port(gateway: list[dict[str, Any]]) -> None:
+    route = gateway_api_document(gateway, "HTTPRoute")
+    (parent,) = route["spec"]["parentRefs"]
+    (rule,) = route["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    (http,) = [
+        p for p in find(gateway, "Service", "usersvc")["spec"]["ports"] if p["name"] == "http"
+    ]
+    assert parent["name"] == gateway_api_document(gateway, "Gateway")["metadata"]["name"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/user"}}]
+    assert (backend["name"], backend["port"]) == ("usersvc", http["port"])
+    # The port sds takes the usersvc endpoints from, the sidecar's, spoken to over HTTP/2.
+    assert http["name"] == env_of(container(gateway, "sds", "sds"))["SDS_PORT_NAME"]["value"]
+    assert http["appProtocol"] == "kubernetes.io/h2c"
+
+
+def sds_bootstrap(gateway_name: str, xds_server: str) -> str:
+    """What ``sds bootstrap`` prints for the edge of ``gateway_name``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sds",
+            "bootstrap",
+            "--gateway",
+            gateway_name,
+            "--xds-server",
+            xds_server,
+            "--node-id",
+            "edge",
+            "--admin-port",
+            "8001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def test_gateway_edge_bootstrap_is_what_sds_bootstrap_prints(
+    gateway: list[dict[str, Any]],
+) -> None:
+    edge = gateway_api_document(gateway, "Gateway")
+    grpc = {p["name"]: p["port"] for p in find(gateway, "Service", "sds")["spec"]["ports"]}["grpc"]
+    printed = sds_bootstrap(
+        f"{edge['metadata']['namespace']}/{edge['metadata']['name']}",
+        f"sds.{NAMESPACE}.svc.cluster.local:{grpc}",
+    )
+    assert printed == GATEWAY_BOOTSTRAP.read_text()
+    assert configmap(gateway, "edge-envoy")["data"]["envoy.yaml"] == printed
+
+
+def test_gateway_edge_gets_everything_from_sds(gateway: list[dict[str, Any]]) -> None:
+    config = json.loads(configmap(gateway, "edge-envoy")["data"]["envoy.yaml"])
+    assert "listeners" not in config["static_resources"]
+    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["sds_xds"]
+    assert set(config["dynamic_resources"]) == {"ads_config", "lds_config", "cds_config"}
+
+
+def test_sds_translates_the_rendered_route_into_user_to_usersvc(
+    gateway: list[dict[str, Any]],
+) -> None:
+    from envoy.config.route.v3 import route_pb2  # noqa: PLC0415 - only this test needs it
+
+    from sds.gatewayapi import model, schema  # noqa: PLC0415
+    from sds.translate.gateways import ClusterRef, ConfigIndex, bind  # noqa: PLC0415
+    from sds.translate.routes import route_configurations  # noqa: PLC0415
+
+    # What the Kubernetes source does with each watched object: check, default, parse.
+    parsed = [
+        model.parse(schema.with_defaults(o))
+        for o in gateway
+        if is_gateway_api(o) or o["kind"] == "Service"
+    ]
+    index = ConfigIndex()
+    index.update(model.GatewayConfig({o.meta.key: o for o in parsed}))
+    (edge,) = index.gateways()
+
+    class Declared:
+        """Backends exist when a Service declares them, as before any EndpointSlice."""
+
+        def service_exists(self, namespace: str, name: str) -> bool:
+            return (namespace, name) in index.services
+
+    binding = bind(index, edge, Declared())
+    (status,) = binding.route_status[model.ObjectKey("HTTPRoute", NAMESPACE, "usersvc")]
+    assert {c.type: c.status for c in status.conditions} == {
+        "Accepted": True,
+        "ResolvedRefs": True,
+    }
+    (resource,) = route_configurations(binding.plan).values()
+    config = route_pb2.RouteConfiguration()
+    assert resource.packed.Unpack(config)
+    (host,) = config.virtual_hosts
+    cluster = f"{NAMESPACE}/usersvc/80"
+    assert host.routes
+    assert {(r.match.path_separated_prefix, r.route.cluster) for r in host.routes} == {
+        ("/user", cluster)
+    }
+    assert resource.refs == {cluster}
+    # Its cluster speaks HTTP/2 to the sidecars, from the Service port's appProtocol.
+    (port,) = binding.plan.ports
+    assert {t.cluster for v in port.virtual_hosts for r in v.rules for t in r.targets} == {
+        ClusterRef(NAMESPACE, "usersvc", 80, "kubernetes.io/h2c")
     }
 
 
