@@ -301,6 +301,19 @@ def test_deploy_docs_name_the_validated_kubernetes_version() -> None:
     assert f"Kubernetes {KUBERNETES_VERSION}" in (ROOT / "docs" / "deploy.md").read_text()
 
 
+def test_docs_apply_the_default_overlay_after_the_pinned_gateway_api_crds() -> None:
+    from sds.gatewayapi import schema  # noqa: PLC0415 - only these tests need it
+
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    crds = (
+        "kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/"
+        f"{schema.RELEASE}/standard-install.yaml"
+    )
+    apply = f"kubectl apply -k k8s/overlays/{DEFAULT_OVERLAY}"
+    assert deploy.index(crds) < deploy.index(apply)
+    assert f"`{apply}`" in (ROOT / "README.md").read_text()
+
+
 def test_overlay_deploys_into_the_envoymesh_namespace(objects: list[dict[str, Any]]) -> None:
     find(objects, "Namespace", NAMESPACE)
     misplaced = [
