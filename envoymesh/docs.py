@@ -17,6 +17,7 @@ from pathlib import Path
 
 from envoymesh import cli
 from meshctl.__main__ import build_parser as meshctl_parser
+from sds.bootstrap import build_parser as bootstrap_parser
 from sds.config import Settings as SdsSettings
 from usersvc.config import Settings as UsersvcSettings
 
@@ -54,6 +55,7 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "sds": _sds,
     "usersvc": _usersvc,
     "meshctl-up": _meshctl_up,
+    "sds-bootstrap": bootstrap_parser,
 }
 
 

@@ -126,6 +126,19 @@ class Settings(BaseSettings):
     tls_check_interval: float = Field(
         10.0, gt=0, description="seconds between checks of the TLS files for a change on disk"
     )
+    proxyless_tls: Literal["off", "tls", "mtls"] = Field(
+        "off",
+        description="TLS of proxyless gRPC clients' calls to backends (gRFC A29): tls checks the"
+        " backend's certificate with the CA of the client's certificate provider (sds bootstrap"
+        " --grpc --ca-file), mtls also presents the client's certificate (--cert-file,"
+        " --key-file); a client whose bootstrap has no such provider refuses the Clusters",
+    )
+    proxyless_tls_san: CommaList = Field(
+        default_factory=list,
+        description="with --proxyless-tls: a backend's certificate must carry one of these"
+        " subject alternative names (DNS or URI), each exact or `*.DOMAIN` for every name under"
+        " DOMAIN (default: any certificate the CA signed)",
+    )
     trusted_proxies: NetworkList = Field(
         default_factory=list,
         description="networks (CIDR) of proxies whose X-Forwarded-For auto_ip trusts",
@@ -192,6 +205,21 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
         return self
+
+    @model_validator(mode="after")
+    def _proxyless_san(self) -> Settings:
+        if self.proxyless_tls_san and self.proxyless_tls == "off":
+            raise ValueError("--proxyless-tls-san needs --proxyless-tls tls or mtls")
+        return self
+
+    @field_validator("proxyless_tls_san")
+    @classmethod
+    def _san_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            rest = name.removeprefix("*.")
+            if not rest or "*" in rest or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r} is not a name or *.DOMAIN")
+        return list(dict.fromkeys(value))
 
     @field_validator("source")
     @classmethod

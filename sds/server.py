@@ -29,6 +29,7 @@ from sds.registry import Registry
 from sds.sources.config_dir import ConfigDirSource
 from sds.sources.registration import RegistrationLimits, RegistrationSource
 from sds.tls import ServerTls, TlsError
+from sds.translate.clusters import UpstreamTls
 from sds.ui.live import LiveHub
 from sds.ui.router import MAX_CLIENTS, ui_router
 from sds.validation import TagLimits
@@ -62,6 +63,16 @@ def identifier(settings: Settings) -> str:
     return f"envoymesh-sds/{os.environ.get('POD_NAME') or socket.gethostname()}"
 
 
+def upstream_tls(settings: Settings) -> UpstreamTls | None:
+    """What ``--proxyless-tls`` asks of proxyless clients' calls to backends; None: nothing."""
+    if settings.proxyless_tls == "off":
+        return None
+    return UpstreamTls(
+        client_certificate=settings.proxyless_tls == "mtls",
+        subject_alt_names=tuple(settings.proxyless_tls_san),
+    )
+
+
 class SdsServer:
     """The discovery server: its registry, sources and HTTP surface."""
 
@@ -75,6 +86,7 @@ class SdsServer:
             debounce=settings.xds_debounce,
             identifier=identifier(settings),
             registration_namespace=settings.registration_namespace,
+            proxyless_tls=upstream_tls(settings),
         )
         self.config_source: ConfigDirSource | None = None
         self.status_writer: StatusWriter | None = None
@@ -277,6 +289,7 @@ class SdsServer:
                 "grpc": f"{self.settings.grpc_host}:{self.settings.grpc_port}",
                 "tls": self.tls is not None,
                 "grpc_client_certificates": self.tls is not None and self.tls.mutual,
+                "proxyless_tls": self.settings.proxyless_tls,
                 "write_tokens": self.write_access.token_count,
                 "anonymous_writes": self.write_access.allow_anonymous,
             },

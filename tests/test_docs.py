@@ -98,6 +98,7 @@ def test_generated_tables_are_what_make_docs_writes(page: Path) -> None:
         (["-m", "sds"], "sds.md"),
         (["-m", "usersvc"], "usersvc.md"),
         (["-m", "meshctl", "up"], "deploy.md"),
+        (["-m", "sds", "bootstrap"], "proxyless-grpc.md"),
     ],
 )
 def test_every_flag_of_help_is_in_its_docs_table(command: list[str], page: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from envoymesh.cli import NetworkList
@@ -19,6 +19,17 @@ class Settings(BaseSettings):
     grpc_host: str = Field("", description="address the gRPC API listens on (empty: --host)")
     grpc_port: int = Field(
         5001, ge=0, le=65535, description="TCP port of the gRPC API (0: no gRPC API)"
+    )
+    grpc_tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) of the gRPC port; with --grpc-tls-key-file it"
+        " serves TLS only (re-read when the files change)",
+    )
+    grpc_tls_key_file: str = Field("", description="PEM private key of --grpc-tls-cert-file")
+    grpc_tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA bundle: gRPC clients must present a certificate it signed (mutual"
+        " TLS, as sds --proxyless-tls mtls has proxyless clients do)",
     )
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/postgres",
@@ -97,3 +108,13 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(False, description="log one line per request")
+
+    @model_validator(mode="after")
+    def _grpc_tls_files(self) -> Settings:
+        if bool(self.grpc_tls_cert_file) != bool(self.grpc_tls_key_file):
+            raise ValueError("--grpc-tls-cert-file and --grpc-tls-key-file go together")
+        if self.grpc_tls_client_ca_file and not self.grpc_tls_cert_file:
+            raise ValueError(
+                "--grpc-tls-client-ca-file needs --grpc-tls-cert-file and --grpc-tls-key-file"
+            )
+        return self

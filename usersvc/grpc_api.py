@@ -8,6 +8,9 @@ Requests arrive as bytes and are parsed here, so a request that is not a valid m
 string field that is not UTF-8, such as an encoded lone surrogate) is INVALID_ARGUMENT rather
 than grpcio's INTERNAL. Messages over ``--max-body-bytes`` are RESOURCE_EXHAUSTED (grpcio's own
 limit). Errors map to status codes once, in :func:`_status`.
+
+With ``--grpc-tls-cert-file`` the port serves TLS only, and with ``--grpc-tls-client-ca-file``
+it requires a client certificate that CA signed (:class:`ServerCertificates`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
+import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -180,6 +187,83 @@ class UsersService:
         )
 
 
+class CertificateError(ValueError):
+    """The gRPC port's certificate files cannot be used."""
+
+
+class ServerCertificates:
+    """The gRPC port's certificate (and client CA), re-read when the files change on disk.
+
+    grpc asks :meth:`fetch` before each new connection; it answers None (no change) unless the
+    files changed and the new set loads, so a half-written set keeps the previous one in use
+    (cert-manager and Secret volumes replace the files in place).
+    """
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+        self._paths = [Path(cert_file), Path(key_file)]
+        if client_ca_file:
+            self._paths.append(Path(client_ca_file))
+        self.mutual = bool(client_ca_file)
+        self._lock = threading.Lock()
+        self._stamp, self._configuration = self._load()
+        self._failed: tuple[tuple[int, int, int], ...] | None = None
+
+    def _stamp_now(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [os.stat(path) for path in self._paths]  # follows a Secret volume's symlinks
+        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
+
+    def _load(
+        self,
+    ) -> tuple[tuple[tuple[int, int, int], ...], grpc.ServerCertificateConfiguration]:
+        names = ", ".join(map(str, self._paths))
+        try:
+            stamp = self._stamp_now()
+            cert, key, *client_ca = (path.read_bytes() for path in self._paths)
+            # grpc says only "bad certificate" later: check the pair and the CA here.
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self._paths[0], self._paths[1])
+            if client_ca:
+                ssl.create_default_context(cadata=client_ca[0].decode("ascii"))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise CertificateError(f"cannot use the gRPC TLS files {names}: {exc}") from None
+        if self._stamp_now() != stamp:
+            raise CertificateError(f"the gRPC TLS files {names} changed while being read")
+        configuration = grpc.ssl_server_certificate_configuration(
+            [(key, cert)], root_certificates=client_ca[0] if client_ca else None
+        )
+        return stamp, configuration
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow the files."""
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration,
+            # The stub omits the None grpc documents as "unchanged".
+            self.fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.mutual,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """New certificates for the next handshake when the files changed; None otherwise."""
+        with self._lock:
+            try:
+                stamp = self._stamp_now()
+            except OSError:
+                return None  # mid-swap: the files in use stay
+            if stamp in (self._stamp, self._failed):
+                return None
+            try:
+                self._stamp, self._configuration = self._load()
+            except CertificateError as exc:
+                self._failed = stamp
+                log.error(
+                    "gRPC TLS files not reloaded, the previous ones stay",
+                    extra={"error": str(exc)},
+                )
+                return None
+            log.info("gRPC TLS files reloaded", extra={"files": [str(p) for p in self._paths]})
+            return self._configuration
+
+
 class GrpcServer:
     """The gRPC server, its health service following the database, and reflection."""
 
@@ -209,17 +293,36 @@ class GrpcServer:
             ),
             self._server,
         )
+        self._certificates = (
+            ServerCertificates(
+                settings.grpc_tls_cert_file,
+                settings.grpc_tls_key_file,
+                settings.grpc_tls_client_ca_file,
+            )
+            if settings.grpc_tls_cert_file
+            else None
+        )
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen (raising when the port cannot be had) and start following the database."""
-        self._server.add_insecure_port(self._address)
+        if self._certificates is None:
+            self._server.add_insecure_port(self._address)
+        else:
+            self._server.add_secure_port(self._address, self._certificates.credentials())
         for service in ("", SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         self._watcher = asyncio.create_task(self._follow_database(), name="grpc-health")
-        log.info("gRPC API started", extra={"address": self._address})
+        log.info(
+            "gRPC API started",
+            extra={
+                "address": self._address,
+                "tls": self._certificates is not None,
+                "client_certificates": bool(self._certificates and self._certificates.mutual),
+            },
+        )
 
     async def _follow_database(self) -> None:
         # SERVING exactly when /user/health would answer 200: the same check of the database.

@@ -22,7 +22,8 @@ the Gateway translation's builders in their proxyless flavour (only what gRPC re
 Cluster names are EDS names: ``namespace/service/PORT`` (a Service port, as Gateway routes
 use it), ``namespace/service/*`` (every port) and ``namespace/service/none`` (no
 endpoints). Targets are translated only while a client watches them, and again only when a
-change can alter them.
+change can alter them. With ``--proxyless-tls``, every Cluster carries the TLS its clients
+use to reach the backends (:func:`sds.translate.clusters.transport_socket`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from sds.gatewayapi.model import (
 )
 from sds.model import Source
 from sds.registry import short_name
-from sds.translate.clusters import cluster
+from sds.translate.clusters import UpstreamTls, cluster
 from sds.translate.gateways import (
     BoundRule,
     ClusterRef,
@@ -116,16 +117,16 @@ def split_target(name: str) -> tuple[str, int | None] | None:
     return host, int(port_text)
 
 
-def mesh_cluster(name: str) -> Resource | None:
+def mesh_cluster(name: str, tls: UpstreamTls | None = None) -> Resource | None:
     """The proxyless Cluster of an EDS name ``namespace/service/PORT|*|none``, or None."""
     parts = name.split("/")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         return None
     namespace, service, ports = parts
     if ports.isdigit() and 0 < int(ports) < 65536:
-        return cluster(ClusterRef(namespace, service, int(ports)), proxyless=True)
+        return cluster(ClusterRef(namespace, service, int(ports)), proxyless=True, tls=tls)
     if ports in (ALL_PORTS, NO_PORT):
-        return cluster(PortsRef(namespace, service, 0, ports=ports), proxyless=True)
+        return cluster(PortsRef(namespace, service, 0, ports=ports), proxyless=True, tls=tls)
     return None
 
 
@@ -218,7 +219,7 @@ class MeshTranslator:
     def resource(self, type_url: str, name: str) -> Resource | None:
         """One resource a gRPC client asked for by name; None when sds has no such thing."""
         if type_url == CDS_TYPE_URL:
-            return mesh_cluster(name)
+            return mesh_cluster(name, self.translator.proxyless_tls)
         if type_url not in (LDS_TYPE_URL, RDS_TYPE_URL):
             return None
         built = self._targets[name] if name in self._targets else self._translate(name)

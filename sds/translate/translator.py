@@ -15,7 +15,7 @@ from typing import Any
 
 from sds.gatewayapi.model import GATEWAY, GRPC_ROUTE, HTTP_ROUTE, ObjectKey, Route
 from sds.registry import Registry
-from sds.translate.clusters import clusters
+from sds.translate.clusters import UpstreamTls, clusters
 from sds.translate.gateways import (
     Binding,
     ConfigIndex,
@@ -39,9 +39,16 @@ _EMPTY: dict[str, Resource] = {}
 class Translator:
     """The translated resources of every Gateway, and the status of every route."""
 
-    def __init__(self, registry: Registry, registration_namespace: str = "default") -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        registration_namespace: str = "default",
+        proxyless_tls: UpstreamTls | None = None,
+    ) -> None:
         self.registry = registry
         self.registration_namespace = registration_namespace
+        # What proxyless gRPC clients' Clusters ask of their calls to backends (None: nothing).
+        self.proxyless_tls = proxyless_tls
         self.index = ConfigIndex()
         self.bindings: dict[ObjectKey, Binding] = {}
         self._resources: dict[ObjectKey, dict[str, dict[str, Resource]]] = {}

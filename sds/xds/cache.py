@@ -40,6 +40,7 @@ from sds.caching import Lru, still_current
 from sds.gatewayapi.model import ObjectKey
 from sds.model import Endpoint, ServiceSnapshot, Source
 from sds.registry import Registry, short_name
+from sds.translate.clusters import UpstreamTls
 from sds.translate.mesh import ALL_PORTS
 from sds.translate.translator import Translator
 from sds.xds.resources import EDS_TYPE_URL, Resource, build_resource, combined_version
@@ -98,9 +99,10 @@ class XdsCache:
         debounce: float = 0.0,
         identifier: str = "envoymesh-sds",
         registration_namespace: str = "default",
+        proxyless_tls: UpstreamTls | None = None,
     ) -> None:
         self.registry = registry
-        self.translator = Translator(registry, registration_namespace)
+        self.translator = Translator(registry, registration_namespace, proxyless_tls)
         self._gateway_watches: dict[ObjectKey, set[Watcher]] = {}
         self._mesh_watches: dict[str, set[Watcher]] = {}
         self._ports: Lru[str, tuple[ServiceSnapshot, ServiceSnapshot, Resource]] = Lru(
