@@ -237,6 +237,7 @@ async def test_a_refusal_is_answered_after_the_refusal_delay_with_retry_after(
 ) -> None:
     app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=2.0)
     hashing, pacing = app.state.hashing, app.state.pacing
+    pacing.burst = 0
     writer = await hold_the_slot(client)
     try:
         await until(lambda: hashing.admitted == 1)
@@ -262,7 +263,7 @@ async def test_refusals_beyond_the_held_cap_are_answered_at_once(
 ) -> None:
     app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=5.0)
     hashing, pacing = app.state.hashing, app.state.pacing
-    pacing.cap = 2
+    pacing.cap, pacing.burst = 2, 0
     writer = await hold_the_slot(client)
     try:
         await until(lambda: hashing.admitted == 1)
@@ -298,3 +299,27 @@ async def test_with_no_refusal_delay_nothing_is_held(start_app: Callable[..., An
     assert hashing.refused == 8
     assert pacing.paused == 0
     assert pacing.unpaced == 0
+
+
+async def test_a_burst_of_refusals_is_answered_at_once_and_only_the_rest_paused(
+    start_app: Callable[..., Any],
+) -> None:
+    app, client = await start_app(hash_concurrency=1, hash_wait=0.0, hash_refusal_delay=1.0)
+    hashing, pacing = app.state.hashing, app.state.pacing
+    pacing.burst, pacing.rate = 4, 0.0
+    writer = await hold_the_slot(client)
+    try:
+        await until(lambda: hashing.admitted == 1)
+        refused = [
+            asyncio.create_task(client.put(f"/user/b{i}", json={"fullname": "B", "password": "pw"}))
+            for i in range(6)
+        ]
+        await until(lambda: sum(task.done() for task in refused) == 4 and pacing.held == 2)
+        assert pacing.unpaused == 4
+        replies = await asyncio.gather(*refused)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert [r.status_code for r in replies] == [503] * 6
+    assert all(int(r.headers["retry-after"]) >= 1 for r in replies)
+    assert pacing.paused == 2

@@ -6,12 +6,15 @@ a refusal here reads no body, runs no routing, validation or dependency, and sen
 built once. An admitted request holds its place in the hashing queue until it ends (see
 :meth:`usersvc.passwords.Hashing.admit`), so it is never refused later.
 
-A refused request is answered after a short pause (``--hash-refusal-delay``, a tarpit): a
-client that ignores Retry-After and comes straight back then sends a few refused requests a
-second per connection instead of thousands, which would otherwise take the core from the
-hashes. Its Retry-After is read from the backlog when the answer goes, so it stays true. At
-most :data:`HELD_CAP` refusals are paused at once; any more are answered at once, so a flood of
-new connections cannot make the pause hold unbounded memory.
+A burst of refusals is answered at once, but a steady stream of them is answered after a
+short pause (``--hash-refusal-delay``, a tarpit): a client that ignores Retry-After and comes
+straight back then sends a few refused requests a second per connection instead of thousands,
+which would otherwise take the core from the hashes. Up to :data:`UNPAUSED_BURST` refusals,
+refilled at :data:`UNPAUSED_RATE` a second, go out unpaused, so a one-off crowd of sign-ups
+learns at once that it must come back. A paused refusal's Retry-After is read from the backlog
+when the answer goes, so it stays true. At most :data:`HELD_CAP` refusals are paused at once;
+any more are answered at once, so a flood of new connections cannot make the pause hold
+unbounded memory.
 
 Requests that hash: ``PUT /user/<name>`` (a sign-up, or an update that proves a password or sets
 a new one), ``DELETE /user/<name>`` with Basic credentials, and ``POST /user/<name>/login``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +35,10 @@ from usersvc.passwords import Hashing, HashingBusy
 BUSY_MESSAGE = "busy: too many password checks at once; retry shortly"
 # Refusals paused at once: a few MiB of waiting requests at most.
 HELD_CAP = 1024
+# Refusals answered at once before pausing starts, and how fast that allowance comes back: a
+# burst this size costs the loop a few milliseconds, a flood of them would cost the core.
+UNPAUSED_BURST = 256
+UNPAUSED_RATE = 64.0
 
 _USER = re.compile(r"/user/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(/login)?")
 
@@ -52,20 +60,45 @@ def hashes(scope: Scope) -> bool:
 
 
 class RefusalPacing:
-    """The pause before a refusal's answer: ``delay`` seconds, for at most ``cap`` at once."""
+    """The pause before a refusal's answer: ``delay`` seconds, for at most ``cap`` at once,
+    once more than ``burst`` refusals (refilled at ``rate`` a second) went out unpaused."""
 
-    def __init__(self, delay: float, cap: int = HELD_CAP) -> None:
+    def __init__(
+        self,
+        delay: float,
+        cap: int = HELD_CAP,
+        burst: int = UNPAUSED_BURST,
+        rate: float = UNPAUSED_RATE,
+    ) -> None:
         self.delay = delay
         self.cap = cap
-        # Refusals paused now, paused in all, and answered at once because ``cap`` were paused.
+        self.burst = burst
+        self.rate = rate
+        self._allowance = float(burst)
+        self._stamp = time.monotonic()
+        # Refusals paused now and paused in all; answered at once within the allowance; and
+        # answered at once because ``cap`` were paused.
         self.held = 0
         self.paused = 0
+        self.unpaused = 0
         self.unpaced = 0
 
+    def _within_allowance(self) -> bool:
+        now = time.monotonic()
+        self._allowance = min(self.burst, self._allowance + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
     async def pause(self) -> bool:
-        """Wait ``delay`` seconds unless none is set or ``cap`` refusals are waiting; True if
-        it waited."""
+        """Wait ``delay`` seconds unless none is set, the refusal is within the unpaused
+        allowance, or ``cap`` refusals are waiting; True if it waited."""
         if not self.delay:
+            return False
+        if self._within_allowance():
+            self.unpaused += 1
             return False
         if self.held >= self.cap:
             self.unpaced += 1

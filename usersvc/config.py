@@ -65,8 +65,9 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         le=10,
-        description="seconds a refused hashing request waits before its 503, so clients that "
-        "ignore Retry-After come back less often (0: answer at once)",
+        description="seconds a refused hashing request waits before its 503 once refusals "
+        "outrun 256 at once (refilled 64 a second), so clients that ignore Retry-After come "
+        "back less often (0: always answer at once)",
     )
     login_failures: int = Field(
         10, ge=1, description="failed logins per (username, client) before 429s"
