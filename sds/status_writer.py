@@ -9,12 +9,14 @@ object's ``observedGeneration``.
 Status is recomputed for every cluster object whenever the registry moves (a route, its
 Gateway, a backend Service, a ReferenceGrant: anything the translation reads) and compared with
 what the cluster shows; only a difference is queued. The queue is its own task, rate-limited by
-a token bucket, so writes never delay a push. A write reads the object fresh, replaces only our
-part of the status (other controllers' ``status.parents`` entries stay; a condition whose
-status did not flip keeps its ``lastTransitionTime``) and sends it with the resourceVersion it
-read; a 409 Conflict reads again and retries.
+a token bucket, so writes never delay a push. A write starts from the object as the watch last
+showed it (its status and resourceVersion, so no read comes first), replaces only our part of
+the status (other controllers' ``status.parents`` entries stay; a condition whose status did not
+flip keeps its ``lastTransitionTime``) and sends it with that resourceVersion; a 409 Conflict
+(the object moved since) reads it fresh and retries.
 
-Only a replica allowed to (``may_write``, the Lease holder) writes, checked before every write.
+Only a replica allowed to (``may_write``, the Lease holder) writes, checked before every write,
+and only once the source has listed every kind.
 """
 
 from __future__ import annotations
@@ -297,8 +299,10 @@ class StatusWriter:
             moved = revision != seen or self.source.inputs_changed.is_set()
             seen = revision
             self.source.inputs_changed.clear()
-            was_leading, leading = leading, self._may_write()
-            if leading:  # a change, the resync, or leadership just gained
+            # Until every kind is listed, nothing is decided: a status then would be written
+            # again once the rest arrives (BackendNotFound for a Service not listed yet).
+            was_leading, leading = leading, self._may_write() and self.source.settled
+            if leading:  # a change, the resync, leadership just gained, or lists complete
                 await asyncio.sleep(self._settings.settle)
                 await self._recompute_in_slices()
             elif was_leading or moved:
@@ -341,19 +345,22 @@ class StatusWriter:
 
     async def _write(self, api: client.CustomObjectsApi, key: ObjectKey) -> None:
         watched = _PLURALS[key.kind]
+        current = self._watched(key)
         for _ in range(self._settings.conflict_retries + 1):
             desired = self.desired(key)
             if desired is None or not self._may_write():
                 return
             try:
                 async with asyncio.timeout(self._settings.request_timeout):
-                    current = await self._get(api, key)
+                    if current is None:
+                        current = await self._get(api, key)
                     body = self._merged(key, current, desired)
                     await self._replace(api, key, body)
             except ApiException as exc:
                 if exc.status == 409:
                     metrics.STATUS_WRITES.labels(result="conflict").inc()
-                    continue  # read again and retry
+                    current = None  # read it fresh and retry
+                    continue
                 metrics.STATUS_WRITES.labels(result=str(exc.status)).inc()
                 if exc.status != 404:  # a deleted object needs no status
                     log.error(
@@ -376,6 +383,23 @@ class StatusWriter:
             extra={"object": str(key), "kind": watched.kind},
         )
 
+    def _watched(self, key: ObjectKey) -> dict[str, Any] | None:
+        """``key`` as its watch last showed it, as much as a status write needs; None if the
+        watch has not shown its resourceVersion."""
+        resource_version = self.source.resource_versions.get(key)
+        if not resource_version:
+            return None
+        watched = _PLURALS[key.kind]
+        metadata = {"name": key.name, "resourceVersion": resource_version}
+        if watched.namespaced:
+            metadata["namespace"] = key.namespace
+        return {
+            "apiVersion": watched.api_version,
+            "kind": key.kind,
+            "metadata": metadata,
+            "status": self.source.statuses.get(key),
+        }
+
     async def _get(self, api: client.CustomObjectsApi, key: ObjectKey) -> dict[str, Any]:
         watched = _PLURALS[key.kind]
         if watched.namespaced:
@@ -393,8 +417,8 @@ class StatusWriter:
         self, api: client.CustomObjectsApi, key: ObjectKey, body: dict[str, Any]
     ) -> None:
         watched = _PLURALS[key.kind]
-        # A replace carries the resourceVersion read: the API server refuses it (409) if the
-        # object moved since, and only then do we read again.
+        # A replace carries the resourceVersion the status came with: the API server refuses
+        # it (409) if the object moved since, and only then do we read it.
         if watched.namespaced:
             await api.replace_namespaced_custom_object_status(
                 watched.group, watched.version, key.namespace, watched.plural, key.name, body

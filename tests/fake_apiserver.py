@@ -423,6 +423,8 @@ class FakeApiServer:
         """Watch requests, each resume counted."""
         self.watch_resource_versions: list[str] = []
         """The ``resourceVersion`` of every watch request, in order."""
+        self.object_reads = 0
+        """GETs of one object (or of its status subresource)."""
         self.status_writes = 0
         """Accepted writes of a status subresource."""
         self.status_writes_of: dict[tuple[str, str, str], int] = {}
@@ -431,6 +433,8 @@ class FakeApiServer:
         """Accepted creates and replaces of Leases."""
         self.lease_conflicts = 0
         """Lease replaces refused 409 for a stale resourceVersion."""
+        self.list_failures_to_inject: dict[str, int] = {}
+        """List requests of a kind to answer 500, as an API server in trouble would."""
         self.conflicts_to_inject = 0
         """Status writes to answer 409 Conflict whatever their resourceVersion."""
         self.lists_of: dict[str, int] = dict.fromkeys(RESOURCES, 0)
@@ -610,6 +614,7 @@ class FakeApiServer:
         self, resource: Resource
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.object_reads += 1
             found = self._lookup(resource, request)
             if isinstance(found, web.Response):
                 return found
@@ -787,6 +792,9 @@ class FakeApiServer:
         self, request: web.Request, resource: Resource, namespace: str | None, matches: Predicate
     ) -> web.Response:
         self.list_requests += 1
+        if self.list_failures_to_inject.get(resource.kind, 0) > 0:
+            self.list_failures_to_inject[resource.kind] -= 1
+            return _status_response(status_object(500, "InternalError", "etcd is unhappy"))
         query = "|".join(
             (
                 resource.kind,

@@ -241,6 +241,23 @@ async def test_nothing_is_written_when_nothing_changed(
     assert apiserver.status_writes_of[("HTTPRoute", "default", "users")] == 1
 
 
+async def test_no_status_is_written_until_every_kind_is_listed(
+    apiserver: FakeApiServer,
+) -> None:
+    apply_edge(apiserver)
+    apiserver.list_failures_to_inject["Service"] = 5  # routes are listed long before it
+
+    async with running_writer(apiserver) as writer:
+        await eventually(lambda: writer.source.settled)
+        await eventually(
+            lambda: route_condition(apiserver, "users", "ResolvedRefs").get("status") == "True"
+        )
+
+    assert apiserver.list_failures_to_inject["Service"] == 0
+    # Never written as BackendNotFound while usersvc was still being listed.
+    assert apiserver.status_writes_of[("HTTPRoute", "default", "users")] == 1
+
+
 async def test_a_conflict_is_retried_with_a_fresh_read(
     apiserver: FakeApiServer, writer: StatusWriter
 ) -> None:
@@ -250,6 +267,49 @@ async def test_a_conflict_is_retried_with_a_fresh_read(
 
     await eventually(lambda: bool(our_parents(apiserver, "users")))
     assert apiserver.conflicts_to_inject == 0
+    assert apiserver.object_reads >= 2
+
+
+async def test_a_status_write_sends_the_watched_resource_version_without_a_read(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    await eventually(lambda: writer.recompute() == 0)
+    assert apiserver.status_writes_of[("HTTPRoute", "default", "users")] == 1
+    assert apiserver.object_reads == 0
+
+
+async def test_a_route_changed_under_a_pending_write_is_read_and_written_again(
+    apiserver: FakeApiServer, writer: StatusWriter
+) -> None:
+    apply_edge(apiserver)
+    await eventually(lambda: bool(our_parents(apiserver, "users")))
+    # Another controller's entry arrives after ours; our next write must keep it.
+    route = apiserver.get("HTTPRoute", "default", "users")
+    assert route is not None
+    theirs = {
+        "parentRef": {"name": "other"},
+        "controllerName": "example.com/other",
+        "conditions": [],
+    }
+    status = {"parents": [*route["status"]["parents"], theirs]}
+    async with client.ApiClient(client.Configuration(host=apiserver.url)) as api_client:
+        await client.CustomObjectsApi(api_client).replace_namespaced_custom_object_status(
+            GROUP, "v1", "default", "httproutes", "users", {"status": status}
+        )
+    apiserver.conflicts_to_inject = 1  # as if the watch had not shown that write yet
+
+    apiserver.apply(http_route("users", path="/moved"))
+
+    await eventually(
+        lambda: route_condition(apiserver, "users", "Accepted").get("observedGeneration") == 2
+    )
+    controllers = {
+        p["controllerName"] for p in status_of(apiserver, "HTTPRoute", "users")["parents"]
+    }
+    assert controllers == {OURS, "example.com/other"}
 
 
 async def test_the_api_server_refuses_a_status_breaking_the_schema(

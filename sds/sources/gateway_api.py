@@ -90,6 +90,7 @@ class _KindHandler:
             self._source.note_gateway_service(key, obj)
         if self._watched.group:
             self._source.statuses[key] = obj.get("status")
+            self._source.resource_versions[key] = str(metadata.get("resourceVersion") or "")
             # A write of the status subresource leaves generation and labels alone: the
             # object need not be checked and parsed again.
             known = self._source.objects.get(key)
@@ -152,6 +153,8 @@ class GatewayApiSource:
         """Set when status inputs that are not config move (a Gateway Service's addresses)."""
         self.statuses: dict[ObjectKey, Any] = {}
         """Each object's ``status`` as the cluster last showed it (what the writer compares)."""
+        self.resource_versions: dict[ObjectKey, str] = {}
+        """The ``resourceVersion`` that status came with: a status write sends it unread."""
         self._reflectors: list[Reflector[ObjectKey, ConfigObject]] = []
         self._delivery: asyncio.Handle | None = None
         self._status: tuple[bool, str] | None = None
@@ -227,6 +230,7 @@ class GatewayApiSource:
         ]:
             if key not in fresh:
                 del self.statuses[key]
+                self.resource_versions.pop(key, None)
         for key in [
             k
             for k in self._gateway_services
@@ -242,6 +246,7 @@ class GatewayApiSource:
             self.note_gateway_service(key, None)
         if value is None:
             self.statuses.pop(key, None)
+            self.resource_versions.pop(key, None)
             if self._objects.pop(key, None) is None:
                 return
         elif self._objects.get(key) is value:
@@ -278,14 +283,20 @@ class GatewayApiSource:
 
     # ----- status --------------------------------------------------------------------------
 
+    @property
+    def settled(self) -> bool:
+        """Every kind listed once (or refused): before that, a status could rest on objects
+        not seen yet (a route's Service still being listed is not missing)."""
+        # A refused kind does not hold the others back: they are served without it.
+        return bool(self._reflectors) and all(r.synced or r.forbidden for r in self._reflectors)
+
     def update_status(self) -> None:
         """Recompute the ``/readyz`` entry from the reflectors' states."""
         reflectors = self._reflectors
         forbidden = [r.forbidden for r in reflectors if r.forbidden]
         absent = sorted({r.kind for r in reflectors if r.absent})
         errors = [r.last_error for r in reflectors if r.last_error and not r.synced]
-        # A refused kind does not hold the others back: they are served without it.
-        settled = bool(reflectors) and all(r.synced or r.forbidden for r in reflectors)
+        settled = self.settled
         parts = []
         if forbidden:
             parts.append(f"{len(forbidden)} kind(s) forbidden, first: {forbidden[0]}")
