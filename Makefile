@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/usersvc_flood.py
 	$(BIN)/python bench/sds_v1.py
 	$(BIN)/python bench/kubernetes_load.py
+	$(BIN)/python bench/gateway_status.py
 	$(BIN)/python bench/xds_convergence.py
 	$(BIN)/python bench/xds_fleet.py
 	$(BIN)/python bench/edge.py
