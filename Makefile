@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/xds_fleet.py
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/proxyless_grpc.py
 
 # The usersvc gRPC code beside usersvc/proto/users.proto is checked in; after changing the
 # .proto, regenerate it (grpcio-tools and mypy-protobuf come with the dev extra).

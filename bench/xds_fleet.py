@@ -97,7 +97,9 @@ class Sds:
 
 
 @contextlib.asynccontextmanager
-async def running_sds(debounce: float) -> AsyncIterator[Sds]:
+async def running_sds(debounce: float, **env_extra: str) -> AsyncIterator[Sds]:
+    """An sds process on free loopback ports, pinned to SERVER_CPUS; ``env_extra`` adds
+    ``SDS_*`` settings."""
     http, grpc, token = free_port(), free_port(), secrets.token_urlsafe(16)
     env = {
         **os.environ,
@@ -111,6 +113,7 @@ async def running_sds(debounce: float) -> AsyncIterator[Sds]:
         "SDS_XDS_DEBOUNCE": str(debounce),
         "SDS_LOG_LEVEL": "warning",
         "SDS_MAX_HOSTS_PER_SERVICE": "100000",
+        **env_extra,
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sds", env=env, stderr=asyncio.subprocess.DEVNULL
